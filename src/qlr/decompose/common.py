@@ -1,0 +1,76 @@
+"""Pieces shared by the methods: grid specs from a config, the Q step, fp16/RTN storage of factors, packaging."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..quant.gptq import HessianFactor, gptq_quantize
+from ..quant.grid import QuantizedTensor, QuantSpec, quantize_rtn
+from .base import Decomposition, MethodConfig
+from .metrics import activation_aware_error
+
+__all__ = ["q_spec", "lr_spec", "quantize_q", "store_factors", "package", "channel_scale"]
+
+
+def q_spec(cfg: MethodConfig, fmt: str = "int", clip_search: bool | None = None) -> QuantSpec:
+    """The grid of Q from a config (``clip_search`` taken from the config when it has one)."""
+    clip = getattr(cfg, "clip_search", False) if clip_search is None else clip_search
+    return QuantSpec(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, fmt=fmt,
+                     clip_search=clip)
+
+
+def lr_spec(cfg: MethodConfig) -> QuantSpec | None:
+    """The grid of L and R (asymmetric, min-max with clipping search), or None for fp16 factors."""
+    if cfg.lr_bits >= 16:
+        return None
+    return QuantSpec(bits=cfg.lr_bits, group_size=cfg.lr_group_size, symmetric=False, clip_search=True)
+
+
+def quantize_q(W: Tensor, H: Tensor | HessianFactor, cfg: MethodConfig, kind: str) -> QuantizedTensor:
+    """The Q step: ``kind`` = "rtn" (round to nearest) or "gptq" (LDLQ feedback under H)."""
+    spec = q_spec(cfg)
+    if kind == "rtn":
+        return quantize_rtn(W, spec)
+    if kind == "gptq":
+        return gptq_quantize(W, H, spec, damp=cfg.damp, act_order=getattr(cfg, "act_order", False))
+    raise ValueError(f"unknown Q quantizer {kind!r}; use 'rtn' or 'gptq'")
+
+
+def store_factors(L: Tensor, R: Tensor, cfg: MethodConfig
+                  ) -> tuple[Tensor, Tensor, QuantizedTensor | None, QuantizedTensor | None]:
+    """Round L (m × r) and R (r × n) to their storage: fp16, or group-wise RTN at ``lr_bits`` after balancing the
+    two factors' row/column norms. Returns (L̂, R̂, codes of L or None, codes of R or None)."""
+    spec = lr_spec(cfg)
+    if L.shape[1] == 0 or spec is None:
+        return L.half().float(), R.half().float(), None, None
+    # balance: scale each rank-1 term so that ‖L[:, i]‖ = ‖R[i, :]‖ (product unchanged)
+    ln, rn = L.norm(dim=0).clamp_min(1e-30), R.norm(dim=1).clamp_min(1e-30)
+    c = (rn / ln).sqrt()
+    L, R = L * c, R / c[:, None]
+    lq, rq = quantize_rtn(L, spec), quantize_rtn(R, spec)
+    return lq.dequantize(), rq.dequantize(), lq, rq
+
+
+def package(method: str, cfg: Any, W: Tensor, H: Tensor, q: QuantizedTensor | None, L: Tensor, R: Tensor,
+            lq: QuantizedTensor | None = None, rq: QuantizedTensor | None = None,
+            history: list[float] | None = None, diagnostics: dict | None = None,
+            rotation: Any = None) -> Decomposition:
+    """Build the Decomposition; one-shot methods get a one-entry history with their final error."""
+    dec = Decomposition(method=method, config=cfg, q=q, L_s=L, R_s=R, lq=lq, rq=rq, rotation=rotation,
+                        history=list(history or []), diagnostics=dict(diagnostics or {}), shape=tuple(W.shape))
+    if not dec.history:
+        dec.history = [activation_aware_error(W, dec.reconstruct(), H)]
+    if q is not None and "q_scale" not in dec.diagnostics:
+        dec.diagnostics["q_scale"] = q.mean_scale()
+    return dec
+
+
+def channel_scale(H: Tensor, mean_abs: Tensor | None) -> Tensor:
+    """Per-input-channel activation scale s (n,): mean |x| when given, else sqrt(diag H) (the RMS), normalised to
+    mean 1 and clamped away from zero so S⁻¹ exists."""
+    s = mean_abs.float() if mean_abs is not None else torch.diagonal(H).float().clamp_min(0).sqrt()
+    s = s / s.mean().clamp_min(1e-30)
+    return s.clamp_min(1e-4)

@@ -1,0 +1,131 @@
+"""The activation-aware low-rank step and its low-precision (LPLR) refinement.
+
+Exact step: for a residual D (m × n) and the damped H = V Λ Vᵀ (n × n), S = H^{1/2},
+
+    argmin_{rank(LR) ≤ r} ‖(D − L R) S‖_F   →   D S = U Σ Pᵀ,  L = U_r Σ_r^{1/2},  R = Σ_r^{1/2} P_rᵀ S⁻¹.
+
+Low-precision step (CALDERA's LPLR, made a descent method): starting from the exact factors, alternate
+  R ← least squares given the quantized L, then quantize R with GPTQ/LDLQ under H (R multiplies X directly);
+  L ← argmin ‖(D − L R̂) S‖ given the quantized R̂, i.e. L* = D H R̂ᵀ (R̂ H R̂ᵀ)⁻¹, then quantize L with LDLQ under
+      the r × r Gram matrix G = R̂ H R̂ᵀ — the exact Hessian of that sub-problem, so its rounding is error-aware;
+and keep the pair with the lowest tr((D − L̂R̂) H (D − L̂R̂)ᵀ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..quant.gptq import HessianFactor, damped, gptq_quantize, prepare_hessian
+from ..quant.grid import QuantizedTensor, QuantSpec
+
+__all__ = ["Whitener", "lowrank_fit", "LowRankResult", "quantized_lowrank", "weighted_sse", "psd_solve"]
+
+
+@dataclass(frozen=True)
+class Whitener:
+    """S = H^{1/2} and S⁻¹ = H^{-1/2} of the damped H (n × n, float32), from one float64 eigendecomposition.
+
+    ``H`` is the damped H (float32) used in the objective; eigenvalues are floored at 1e-12·max for stability."""
+
+    S: Tensor
+    S_inv: Tensor
+    H: Tensor
+
+    @classmethod
+    def from_hessian(cls, H: Tensor, damp: float = 0.01) -> Whitener:
+        Hd = damped(H, damp)
+        evals, evecs = torch.linalg.eigh(Hd)
+        evals = evals.clamp_min(float(evals.max()) * 1e-12)
+        root = evals.sqrt()
+        S = (evecs * root) @ evecs.T
+        S_inv = (evecs / root) @ evecs.T
+        return cls(S.float(), S_inv.float(), Hd.float())
+
+    @classmethod
+    def diagonal(cls, s: Tensor) -> Whitener:
+        """A diagonal scaling S = diag(s) (s > 0, length n)."""
+        s = s.float().clamp_min(float(s.max()) * 1e-8 + 1e-30)
+        return cls(torch.diag(s), torch.diag(1.0 / s), torch.diag(s * s))
+
+
+def lowrank_fit(D: Tensor, wh: Whitener, rank: int) -> tuple[Tensor, Tensor]:
+    """Exact minimiser of ‖(D − L R) S‖_F over rank ``rank``: L (m × r) = U Σ^{1/2}, R (r × n) = Σ^{1/2} Pᵀ S⁻¹."""
+    m, n = D.shape
+    if rank == 0:
+        return D.new_zeros(m, 0), D.new_zeros(0, n)
+    DS = D.float() @ wh.S.to(D.device)
+    U, sig, Vh = torch.linalg.svd(DS, full_matrices=False)
+    root = sig[:rank].sqrt()
+    L = U[:, :rank] * root
+    R = (root[:, None] * Vh[:rank]) @ wh.S_inv.to(D.device)
+    return L, R
+
+
+def psd_solve(G: Tensor, B: Tensor, ridge: float = 1e-8) -> Tensor:
+    """Solve G X = B for a symmetric PSD G (r × r), B (r × k), in float64 with a tiny ridge (rank-deficient G,
+    e.g. an all-zero row of a quantized factor, stays solvable on every device). Returns float32 X (r × k)."""
+    G64 = G.to(torch.float64)
+    lam = ridge * float(torch.diagonal(G64).mean().clamp_min(1e-30))
+    G64 = G64 + lam * torch.eye(G64.shape[0], dtype=torch.float64, device=G.device)
+    return torch.linalg.solve(G64, B.to(torch.float64)).float()
+
+
+def weighted_sse(E: Tensor, H: Tensor) -> float:
+    """tr(E H Eᵀ) (float64 accumulate) for E (m × n), H (n × n)."""
+    E64 = E.to(torch.float64)
+    return float(((E64 @ H.to(E.device, torch.float64)) * E64).sum())
+
+
+@dataclass
+class LowRankResult:
+    """Quantized (or fp16) factors: L (m × r), R (r × n) dequantized; their codes when quantized; the error
+    tr((D − LR) H (D − LR)ᵀ) they reach on the target D."""
+
+    L: Tensor
+    R: Tensor
+    lq: QuantizedTensor | None
+    rq: QuantizedTensor | None
+    sse: float
+
+
+def _fp16(L: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
+    return L.half().float(), R.half().float()
+
+
+def quantized_lowrank(D: Tensor, wh: Whitener, rank: int, spec: QuantSpec | None, *, iters: int = 10,
+                      hfac: HessianFactor | None = None, damp: float = 0.01) -> LowRankResult:
+    """Rank-``rank`` factors of D (m × n) stored at ``spec`` (None = fp16), minimising ‖(D − L R) S‖_F.
+
+    ``wh`` supplies H (damped) and its square roots; ``hfac`` (GPTQ factor of the same H) is reused when given.
+    Runs up to ``iters`` LPLR rounds and returns the best pair found (never worse than the first)."""
+    H = wh.H.to(D.device)
+    L, R = lowrank_fit(D, wh, rank)
+    if rank == 0:
+        return LowRankResult(L, R, None, None, weighted_sse(D, H))
+    if spec is None:
+        Lh, Rh = _fp16(L, R)
+        return LowRankResult(Lh, Rh, None, None, weighted_sse(D - Lh @ Rh, H))
+    hfac = hfac or prepare_hessian(H, damp)
+    DH = D.float() @ H
+    best: LowRankResult | None = None
+    rq: QuantizedTensor = gptq_quantize(R, hfac, spec)
+    for _ in range(max(1, iters)):
+        Rhat = rq.dequantize()
+        G = Rhat @ H @ Rhat.T
+        Lstar = psd_solve(G, (DH @ Rhat.T).T).T
+        lq = gptq_quantize(Lstar, G, spec, damp=damp)
+        Lhat = lq.dequantize()
+        sse = weighted_sse(D - Lhat @ Rhat, H)
+        if best is None or sse < best.sse:
+            best = LowRankResult(Lhat, Rhat, lq, rq, sse)
+        elif sse >= best.sse * (1 - 1e-6):
+            break
+        # R given the quantized L: R* = (L̂ᵀL̂)⁻¹ L̂ᵀ D (H-independent for an unconstrained R)
+        LtL = Lhat.T @ Lhat
+        Rstar = psd_solve(LtL, Lhat.T @ D.float())
+        rq = gptq_quantize(Rstar, hfac, spec)
+    assert best is not None
+    return best

@@ -1,0 +1,468 @@
+"""``QLRLinear``: a drop-in replacement for ``nn.Linear`` holding W ≈ Q + L R in compressed form.
+
+For an m × n (out × in) weight the module computes
+
+    y = x Qᵀ + (x Rᵀ) Lᵀ + b                                  (no rotation)
+    y = untransform_out( x̃ Q_sᵀ + (x̃ R_sᵀ) L_sᵀ ) + b,  x̃ = transform_in(x)   (incoherence rotation)
+
+without ever forming L R, and dequantizing Q a tile of output rows at a time (``tile_rows``), so no dense float W
+is stored. Every tensor is a registered buffer (so ``state_dict`` and safetensors hold it); everything else
+(shapes, bits, group sizes, formats) is plain metadata returned by :meth:`QLRLinear.qlr_meta`, from which
+:meth:`QLRLinear.from_meta` rebuilds an empty module with the right buffer shapes.
+
+Each factor (Q, L, R) is stored by a *codec*, picked by a list of codecs where the first that accepts the object
+wins (:func:`register_codec` adds one, e.g. for lattice codes):
+
+* ``grid``  — a scalar-grid :class:`~qlr.quant.grid.QuantizedTensor`: packed int32 codes (m, ceil(n·b/32)),
+  scales (m, groups) as fp16 / fp32 / int8 power-of-two exponents (``scale_bits`` 16 / 32 / 8), bit-packed integer
+  zero points (flattened, only when the grid has them; fp16 when they are not integers) and an optional act-order
+  permutation (int16 when n < 2¹⁵, else int32; stored column j is original column ``perm[j]``).
+* ``dense`` — a plain tensor stored in fp16 (L and R when they are not quantized).
+
+Buffer names: ``q_codes, q_scale, q_zero, q_perm``, ``l_…``/``r_…`` likewise (or ``l_dense``, ``r_dense``),
+``bias``, ``signs_out, signs_in`` (the :class:`~qlr.quant.hadamard.Incoherence` sign vectors, bit-packed into
+int32 words: bit 1 = +1, bit 0 = −1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from qlr.quant.grid import QuantizedTensor, QuantSpec, nf_levels
+from qlr.quant.packing import MAX_BITS, pack, unpack
+
+if TYPE_CHECKING:
+    from qlr.decompose.base import Decomposition
+
+__all__ = ["QLRLinear", "Codec", "GridCodec", "DenseCodec", "register_codec", "codec_for", "META_VERSION"]
+
+META_VERSION = 1
+RowDecoder = Callable[[int, int], Tensor]
+
+
+# ---- codecs ----------------------------------------------------------------------------------------------------
+class Codec(Protocol):
+    """How one factor (an m × n matrix) is stored as buffers and decoded."""
+
+    name: str
+
+    def accepts(self, obj: object) -> bool:
+        """Whether this codec can store ``obj``."""
+        ...
+
+    def encode(self, obj: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Buffers (suffix → tensor) and JSON-able metadata (with ``"codec"`` and ``"shape"`` = [m, n])."""
+        ...
+
+    def empty(self, meta: Mapping[str, Any], device: torch.device | str) -> dict[str, Tensor]:
+        """Uninitialised buffers with the shapes and dtypes that :meth:`encode` would produce for ``meta``."""
+        ...
+
+    def decoder(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> RowDecoder:
+        """A function ``(start, stop) -> float32 rows [start, stop) × n`` in stored column order."""
+        ...
+
+    def column_perm(self, bufs: Mapping[str, Tensor]) -> Tensor | None:
+        """(n,) stored-to-original column map (stored column j is original column perm[j]), or None."""
+        ...
+
+    def storage_bits(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> int:
+        """Bits taken by the buffers (packed words counted whole, so tail padding is included)."""
+        ...
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} in QLRLinear metadata")
+    return dt
+
+
+class GridCodec:
+    """Scalar grids (:class:`~qlr.quant.grid.QuantizedTensor`: uniform int or NormalFloat, group-wise)."""
+
+    name = "grid"
+
+    def accepts(self, obj: object) -> bool:
+        return isinstance(obj, QuantizedTensor)
+
+    @staticmethod
+    def spec(meta: Mapping[str, Any]) -> QuantSpec:
+        return QuantSpec(bits=meta["bits"], group_size=meta["group_size"], symmetric=meta["symmetric"],
+                         fmt=meta["fmt"], scale_bits=meta["scale_bits"])
+
+    def encode(self, qt: QuantizedTensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        spec = qt.spec
+        if spec.bits > MAX_BITS:
+            raise ValueError(f"cannot pack {spec.bits}-bit codes (at most {MAX_BITS})")
+        m, n = qt.codes.shape
+        bufs: dict[str, Tensor] = {"codes": pack(qt.codes, spec.bits)}
+        scale = qt.scale.float()
+        if spec.scale_bits == 16:
+            bufs["scale"] = scale.to(torch.float16)
+        elif spec.scale_bits == 32:
+            bufs["scale"] = scale.clone()
+        else:  # power-of-two scales: store the exponent
+            e = torch.log2(scale).round()
+            if not torch.equal(torch.exp2(e), scale):
+                raise ValueError("scale_bits=8 expects power-of-two scales")
+            bufs["scale"] = e.to(torch.int8)
+        zero_fmt = "none"
+        if spec.fmt == "int":
+            z = qt.zero.float()
+            implicit = float((spec.maxq + 1) // 2)
+            if spec.has_zero or not bool((z == implicit).all()):
+                integral = bool((z == z.round()).all()) and float(z.min()) >= 0 and float(z.max()) <= spec.maxq
+                if integral:
+                    zero_fmt, bufs["zero"] = "packed", pack(z.reshape(-1).to(torch.uint8), spec.bits)
+                else:
+                    zero_fmt, bufs["zero"] = "fp16", z.to(torch.float16)
+        if qt.perm is not None:
+            bufs["perm"] = qt.perm.to(torch.int16 if n < 2**15 else torch.int32)
+        meta = {"codec": self.name, "shape": [m, n], "bits": spec.bits, "group_size": spec.group_size,
+                "symmetric": spec.symmetric, "fmt": spec.fmt, "scale_bits": spec.scale_bits, "zero": zero_fmt,
+                "perm": qt.perm is not None}
+        return bufs, meta
+
+    def empty(self, meta: Mapping[str, Any], device: torch.device | str) -> dict[str, Tensor]:
+        spec = self.spec(meta)
+        m, n = meta["shape"]
+        groups = spec.groups(n)
+        words = -(-n * spec.bits // 32)
+        sdt = {16: torch.float16, 32: torch.float32, 8: torch.int8}[spec.scale_bits]
+        bufs = {"codes": torch.empty(m, words, dtype=torch.int32, device=device),
+                "scale": torch.empty(m, groups, dtype=sdt, device=device)}
+        if meta["zero"] == "packed":
+            bufs["zero"] = torch.empty(-(-m * groups * spec.bits // 32), dtype=torch.int32, device=device)
+        elif meta["zero"] == "fp16":
+            bufs["zero"] = torch.empty(m, groups, dtype=torch.float16, device=device)
+        if meta["perm"]:
+            bufs["perm"] = torch.empty(n, dtype=torch.int16 if n < 2**15 else torch.int32, device=device)
+        return bufs
+
+    def decoder(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> RowDecoder:
+        spec = self.spec(meta)
+        m, n = meta["shape"]
+        codes, scale = bufs["codes"], bufs["scale"]
+        device = codes.device
+        scale = torch.exp2(scale.float()) if spec.scale_bits == 8 else scale.float()
+        glen = spec.group_len(n)
+        gidx = torch.arange(n, device=device) // glen
+
+        def expand(t: Tensor) -> Tensor:  # (rows, groups) → (rows, n), or a broadcastable view when it tiles n
+            return t[:, :, None] if n % glen == 0 else t[:, gidx]
+        if meta["zero"] == "packed":
+            zero: Tensor | float = unpack(bufs["zero"], spec.bits, m * scale.shape[1]).float().reshape(m, -1)
+        elif meta["zero"] == "fp16":
+            zero = bufs["zero"].float()
+        else:
+            zero = float((spec.maxq + 1) // 2)
+        levels = nf_levels(spec.bits, device) if spec.fmt == "nf" else None
+
+        def rows(start: int, stop: int) -> Tensor:
+            c = unpack(codes[start:stop], spec.bits, n)
+            if n % glen == 0:
+                c = c.reshape(c.shape[0], n // glen, glen)
+            s = expand(scale[start:stop])
+            if levels is not None:
+                out = levels[c.long()] * s
+            else:
+                z = expand(zero[start:stop]) if isinstance(zero, Tensor) else zero
+                out = (c.float() - z) * s
+            return out.reshape(stop - start, n) if stop > start else out.reshape(0, n)
+
+        return rows
+
+    def column_perm(self, bufs: Mapping[str, Tensor]) -> Tensor | None:
+        return bufs.get("perm")
+
+    def storage_bits(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> int:
+        spec = self.spec(meta)
+        n = meta["shape"][1]
+        total = bufs["codes"].numel() * 32 + bufs["scale"].numel() * spec.scale_bits
+        if "zero" in bufs:
+            total += bufs["zero"].numel() * (32 if meta["zero"] == "packed" else 16)
+        if "perm" in bufs:
+            total += n * max(1, math.ceil(math.log2(n)))
+        return total
+
+
+class DenseCodec:
+    """A plain matrix kept in fp16 (L and R when they are not quantized)."""
+
+    name = "dense"
+    dtype = torch.float16
+
+    def accepts(self, obj: object) -> bool:
+        return isinstance(obj, Tensor)
+
+    def encode(self, t: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return {"dense": t.detach().to(self.dtype).contiguous()}, {"codec": self.name, "shape": list(t.shape),
+                                                                   "dtype": _dtype_name(self.dtype)}
+
+    def empty(self, meta: Mapping[str, Any], device: torch.device | str) -> dict[str, Tensor]:
+        return {"dense": torch.empty(*meta["shape"], dtype=_dtype(meta["dtype"]), device=device)}
+
+    def decoder(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> RowDecoder:
+        return lambda start, stop: bufs["dense"][start:stop].float()
+
+    def column_perm(self, bufs: Mapping[str, Tensor]) -> Tensor | None:
+        return None
+
+    def storage_bits(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> int:
+        return bufs["dense"].numel() * bufs["dense"].element_size() * 8
+
+
+_CODECS: list[Codec] = [GridCodec(), DenseCodec()]
+
+
+def register_codec(codec: Codec) -> None:
+    """Add a codec; it is tried before the built-in ones (first match wins) and is found by name on load."""
+    if any(c.name == codec.name for c in _CODECS):
+        raise ValueError(f"a codec named {codec.name!r} is already registered")
+    _CODECS.insert(0, codec)
+
+
+def codec_for(obj: object = None, *, name: str | None = None) -> Codec:
+    """The codec that stores ``obj`` (first match wins), or the codec called ``name``."""
+    for c in _CODECS:
+        if (name is not None and c.name == name) or (name is None and c.accepts(obj)):
+            return c
+    what = f"codec {name!r}" if name is not None else f"a codec for {type(obj).__name__}"
+    raise NotImplementedError(f"QLRLinear has no {what}; known codecs: {[c.name for c in _CODECS]}. "
+                              "Implement the Codec protocol in qlr.nn.qlinear and register_codec() it.")
+
+
+# ---- the module ------------------------------------------------------------------------------------------------
+_FACTORS = ("q", "l", "r")
+
+
+class QLRLinear(nn.Module):
+    """y = x (Q + L R)ᵀ + b for x (…, in_features) → (…, out_features), from compressed buffers.
+
+    Build with :meth:`from_decomposition` (from a compressor) or :meth:`from_meta` (empty, for loading).
+
+    Attributes:
+        in_features, out_features, rank: n, m and r.
+        meta: per-factor codec metadata (``meta["q"]``, ``meta["l"]``, ``meta["r"]``; ``None`` when absent),
+            ``meta["rotation"]`` ({"seed": int} or None) and ``meta["bias"]`` (dtype name or None).
+        tile_rows: output rows of Q dequantized at a time in :meth:`forward`.
+    """
+
+    tile_rows: int = 2048
+
+    def __init__(self, meta: Mapping[str, Any], buffers: Mapping[str, Tensor] | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        """From metadata (as :meth:`qlr_meta` returns) and the matching buffers (name → tensor, checked against
+        the metadata's shapes and dtypes); with ``buffers=None`` the buffers are left uninitialised on
+        ``device``. Prefer :meth:`from_decomposition` / :meth:`from_meta`."""
+        super().__init__()
+        meta = _validate_meta(meta)
+        self.meta = meta
+        self.in_features, self.out_features, self.rank = meta["in_features"], meta["out_features"], meta["rank"]
+        expected = self._empty_buffers(device if buffers is None else "meta")
+        buffers = expected if buffers is None else buffers
+        if set(buffers) != set(expected):
+            raise ValueError(f"QLRLinear buffers {sorted(buffers)} do not match the metadata {sorted(expected)}")
+        for name, t in buffers.items():
+            if tuple(t.shape) != tuple(expected[name].shape) or t.dtype != expected[name].dtype:
+                raise ValueError(f"buffer {name!r}: got {tuple(t.shape)} {t.dtype}, metadata expects "
+                                 f"{tuple(expected[name].shape)} {expected[name].dtype}")
+            self.register_buffer(name, t)
+
+    # ---- construction ------------------------------------------------------------------------------------------
+    def _empty_buffers(self, device: torch.device | str) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for f in _FACTORS:
+            if self.meta[f] is not None:
+                for k, t in codec_for(name=self.meta[f]["codec"]).empty(self.meta[f], device).items():
+                    out[f"{f}_{k}"] = t
+        if self.meta["bias"] is not None:
+            out["bias"] = torch.empty(self.out_features, dtype=_dtype(self.meta["bias"]), device=device)
+        if self.meta["rotation"] is not None:
+            for name, k in (("signs_out", self.out_features), ("signs_in", self.in_features)):
+                out[name] = torch.empty(-(-k // 32), dtype=torch.int32, device=device)
+        return out
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], device: torch.device | str = "meta") -> QLRLinear:
+        """An uninitialised module with the buffer shapes and dtypes described by ``meta`` (see :meth:`qlr_meta`);
+        fill it with ``load_state_dict(..., assign=True)``."""
+        return cls(meta, None, device)
+
+    @classmethod
+    def from_decomposition(cls, dec: Decomposition, bias: Tensor | None = None) -> QLRLinear:
+        """Build from a :class:`~qlr.decompose.base.Decomposition` (Q codes, stored-domain L_s (m × r) and
+        R_s (r × n) or their codes ``lq``/``rq``, optional incoherence ``rotation``) and an optional bias (m,)."""
+        m, r = dec.L_s.shape
+        n = dec.R_s.shape[1]
+        meta: dict[str, Any] = {"version": META_VERSION, "in_features": n, "out_features": m, "rank": r,
+                                "bias": None, "rotation": None}
+        buffers: dict[str, Tensor] = {}
+        sources = {"q": dec.q, "l": dec.lq if dec.lq is not None else dec.L_s,
+                   "r": dec.rq if dec.rq is not None else dec.R_s}
+        if r == 0:
+            sources["l"] = sources["r"] = None
+        for f, src in sources.items():
+            if src is None:
+                meta[f] = None
+                continue
+            bufs, fmeta = codec_for(src).encode(src)
+            want = {"q": [m, n], "l": [m, r], "r": [r, n]}[f]
+            if list(fmeta["shape"]) != want:
+                raise ValueError(f"factor {f!r} has shape {fmeta['shape']}, expected {want} from L_s/R_s")
+            meta[f] = fmeta
+            buffers.update({f"{f}_{k}": v.detach().contiguous() for k, v in bufs.items()})
+        if bias is not None:
+            if tuple(bias.shape) != (m,):
+                raise ValueError(f"bias must have shape ({m},), got {tuple(bias.shape)}")
+            meta["bias"] = _dtype_name(bias.dtype)
+            buffers["bias"] = bias.detach().clone()
+        rot = dec.rotation
+        if rot is not None:
+            if not (hasattr(rot, "signs_out") and hasattr(rot, "signs_in")):
+                raise NotImplementedError(f"QLRLinear stores sign-vector incoherence rotations only, got "
+                                          f"{type(rot).__name__}")
+            meta["rotation"] = {"seed": int(getattr(rot, "seed", 0))}
+            for name in ("signs_out", "signs_in"):
+                signs = getattr(rot, name).detach().cpu()
+                if not bool((signs.abs() == 1).all()):
+                    raise ValueError(f"rotation.{name} must hold ±1 entries")
+                buffers[name] = pack((signs > 0).to(torch.uint8), 1)
+        device = dec.L_s.device
+        return cls(meta, {k: v.to(device) for k, v in buffers.items()}, device)
+
+    def qlr_meta(self) -> dict[str, Any]:
+        """JSON-able metadata: everything but the tensors (enough for :meth:`from_meta`), plus ``storage_bits``."""
+        return {**self.meta, "storage_bits": self.storage_bits()}
+
+    # ---- helpers -----------------------------------------------------------------------------------------------
+    def _bufs(self, f: str) -> dict[str, Tensor]:
+        p = f + "_"
+        return {k[len(p):]: v for k, v in self._buffers.items() if k.startswith(p) and v is not None}
+
+    def _decoder(self, f: str) -> RowDecoder:
+        return codec_for(name=self.meta[f]["codec"]).decoder(self._bufs(f), self.meta[f])
+
+    def _dense(self, f: str) -> Tensor:
+        """Factor ``f`` fully decoded, float32, stored domain and stored column order."""
+        rows = self.meta[f]["shape"][0]
+        return self._decoder(f)(0, rows)
+
+    def _rotation(self) -> Any:
+        if self.meta["rotation"] is None:
+            return None
+        from qlr.quant.hadamard import Incoherence
+
+        signs = [unpack(s, 1, k).float() * 2 - 1
+                 for s, k in ((self.signs_out, self.out_features), (self.signs_in, self.in_features))]
+        return Incoherence(signs[0], signs[1], self.meta["rotation"]["seed"])
+
+    # ---- compute -----------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """x (…, in_features) → (…, out_features) in x's dtype, on x's device (the module's device)."""
+        n, m = self.in_features, self.out_features
+        if x.shape[-1] != n:
+            raise ValueError(f"QLRLinear expects inputs with last dim {n}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"QLRLinear expects a floating-point input, got {x.dtype}")
+        lead, dtype = x.shape[:-1], x.dtype
+        x2 = x.reshape(-1, n)
+        rot = self._rotation()
+        if rot is not None:
+            x2 = rot.input_transform(x2)
+        if self.meta["q"] is not None:
+            rows = self._decoder("q")
+            perm = codec_for(name=self.meta["q"]["codec"]).column_perm(self._bufs("q"))
+            xq = x2 if perm is None else x2.index_select(-1, perm.long())
+            y = torch.empty(x2.shape[0], m, dtype=dtype, device=x.device)
+            for r0 in range(0, m, self.tile_rows):
+                r1 = min(m, r0 + self.tile_rows)
+                y[:, r0:r1] = xq @ rows(r0, r1).to(dtype).T
+        else:
+            y = torch.zeros(x2.shape[0], m, dtype=dtype, device=x.device)
+        if self.rank > 0:
+            y = y + (x2 @ self._dense("r").to(dtype).T) @ self._dense("l").to(dtype).T
+        if rot is not None:
+            y = rot.output_untransform(y)
+        if self.meta["bias"] is not None:
+            y = y + self.bias.to(dtype)
+        return y.reshape(*lead, m)
+
+    @torch.no_grad()
+    def dequantize_weight(self) -> Tensor:
+        """The dense Q + L R (out × in, float32) in the original domain: for tests and evaluation only."""
+        m, n = self.out_features, self.in_features
+        device = next(iter(self._buffers.values())).device
+        W = torch.zeros(m, n, device=device)
+        if self.meta["q"] is not None:
+            Qs = self._dense("q")
+            perm = codec_for(name=self.meta["q"]["codec"]).column_perm(self._bufs("q"))
+            if perm is None:
+                W = Qs
+            else:
+                W[:, perm.long()] = Qs  # stored column j is original column perm[j]
+        if self.rank > 0:
+            W = W + self._dense("l") @ self._dense("r")
+        rot = self._rotation()
+        return rot.unrotate_weight(W) if rot is not None else W
+
+    def storage_bits(self) -> int:
+        """Bits held by the buffers that replace the weight: Q, L, R and the rotation signs (packed words counted
+        whole; the act-order permutation at ⌈log2 n⌉ bits per index). The bias is not counted (it is not part of
+        W). Equals ``Decomposition.storage_bits()`` up to the tail padding of the packed words."""
+        total = 0
+        for f in _FACTORS:
+            if self.meta[f] is not None:
+                total += codec_for(name=self.meta[f]["codec"]).storage_bits(self._bufs(f), self.meta[f])
+        if self.meta["rotation"] is not None:
+            total += 32 * (self.signs_out.numel() + self.signs_in.numel())
+        return total
+
+    @property
+    def bits_per_weight(self) -> float:
+        """:meth:`storage_bits` over out_features · in_features."""
+        return self.storage_bits() / (self.out_features * self.in_features)
+
+    def extra_repr(self) -> str:
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}", f"rank={self.rank}"]
+        for f in _FACTORS:
+            fm = self.meta[f]
+            if fm is None or (f != "q" and self.rank == 0):
+                continue
+            parts.append(f"{f}={_describe(fm)}")
+        if self.meta["rotation"] is not None:
+            parts.append("rotation=hadamard")
+        parts.append(f"bias={self.meta['bias'] is not None}")
+        return ", ".join(parts)
+
+
+def _describe(fm: Mapping[str, Any]) -> str:
+    if fm["codec"] == "grid":
+        kind = "nf" if fm["fmt"] == "nf" else ("sym" if fm["symmetric"] else "asym")
+        return f"{kind}{fm['bits']}/g{fm['group_size']}" + ("+perm" if fm["perm"] else "")
+    if fm["codec"] == "dense":
+        return fm["dtype"]
+    return str(fm["codec"])
+
+
+def _validate_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    required = ("in_features", "out_features", "rank", "q", "l", "r", "bias", "rotation")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise ValueError(f"QLRLinear metadata lacks {missing}")
+    version = meta.get("version", META_VERSION)
+    if version > META_VERSION:
+        raise ValueError(f"QLRLinear metadata version {version} is newer than this qlr supports ({META_VERSION})")
+    out = {k: meta[k] for k in required}
+    out["version"] = version
+    return out

@@ -1,0 +1,145 @@
+"""Behaviour of every registered method on LLM-like synthetic layers."""
+
+import pytest
+import torch
+
+import qlr
+from qlr.decompose.joint import odlri_init
+
+FAST = dict(outer_iters=4, inner_iters=3)
+LR_METHODS = ["lorc", "lqer", "qera-exact", "qera-approx", "srr"]
+
+
+def test_registry_lists_every_named_method():
+    assert set(qlr.methods()) == {"rtn", "gptq", "lorc", "lqer", "qera-exact", "qera-approx", "loftq",
+                                  "caldera", "odlri", "srr"}
+
+
+@pytest.mark.parametrize("method", sorted({"rtn", "gptq", "lorc", "lqer", "qera-exact", "qera-approx", "loftq",
+                                           "caldera", "odlri", "srr"}))
+def test_api_shapes_and_reconstruct(method, layer):
+    W, H = layer["W"], layer["H"]
+    rank = 0 if method in ("rtn", "gptq") else 8
+    opts = FAST if method in ("caldera", "odlri") else {}
+    dec = qlr.decompose(W, H, method, bits=3, rank=rank, mean_abs=layer["mean_abs"], **opts)
+    m, n = W.shape
+    assert dec.Q.shape == (m, n) and dec.L.shape == (m, rank) and dec.R.shape == (rank, n)
+    assert torch.allclose(dec.reconstruct(), dec.Q + dec.L @ dec.R)
+    assert dec.history and all(h == h for h in dec.history)
+    err = qlr.activation_aware_error(W, dec.reconstruct(), H)
+    assert err == pytest.approx(min(dec.history) if method in ("caldera", "odlri") else dec.history[-1], rel=1e-4)
+    assert 0 < err < 1
+    assert dec.bits_per_weight > 3
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("method", LR_METHODS)
+def test_lr_methods_beat_their_q_only_quantizer(method, bits, layer):
+    W, H = layer["W"], layer["H"]
+    base = qlr.decompose(W, H, "rtn", bits=bits, rank=0).history[-1]
+    dec = qlr.decompose(W, H, method, bits=bits, rank=16, mean_abs=layer["mean_abs"])
+    assert dec.history[-1] < base
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_joint_methods_beat_gptq_and_gptq_beats_rtn(bits, layer):
+    W, H = layer["W"], layer["H"]
+    rtn = qlr.decompose(W, H, "rtn", bits=bits, rank=0).history[-1]
+    gptq = qlr.decompose(W, H, "gptq", bits=bits, rank=0).history[-1]
+    assert gptq < rtn
+    for method in ("caldera", "odlri"):
+        dec = qlr.decompose(W, H, method, bits=bits, rank=16, **FAST)
+        assert min(dec.history) < gptq
+
+
+def test_loftq_beats_nf_alone(layer):
+    W, H = layer["W"], layer["H"]
+    dec = qlr.decompose(W, H, "loftq", bits=2, rank=16)
+    q_only = qlr.activation_aware_error(W, dec.Q, H)
+    assert dec.history[-1] < q_only
+    assert len(dec.history) == 5
+
+
+def test_qera_exact_is_optimal_for_its_q(layer):
+    """The LR part of qera-exact (fp16 factors) is the activation-aware optimum for its Q: no other method's LR
+    fitted to the same Q does better."""
+    W, H = layer["W"], layer["H"]
+    kw = dict(bits=3, rank=16, lr_bits=16, damp=1e-6)
+    exact = qlr.decompose(W, H, "qera-exact", **kw).history[-1]
+    for other in ("lorc", "lqer", "qera-approx"):
+        assert exact <= qlr.decompose(W, H, other, **kw).history[-1] * 1.0001
+
+
+def test_caldera_history_never_ends_above_first_and_best_is_returned(layer):
+    W, H = layer["W"], layer["H"]
+    dec = qlr.decompose(W, H, "caldera", bits=2, rank=16, outer_iters=6, inner_iters=3, patience=0)
+    assert len(dec.history) == 6
+    assert min(dec.history) <= dec.history[0]
+    assert qlr.activation_aware_error(W, dec.reconstruct(), H) == pytest.approx(min(dec.history), rel=1e-4)
+    assert dec.diagnostics["best_iter"] == dec.history.index(min(dec.history))
+
+
+def test_odlri_init_is_supported_on_the_outlier_channels(layer):
+    W, H = layer["W"], layer["H"]
+    L0, R0, idx = odlri_init(W, H, rank=16, k=4, damp=0.01)
+    assert set(idx.tolist()) == set(layer["outliers"].tolist())  # the top diag(H) channels
+    others = torch.ones(W.shape[1], dtype=torch.bool)
+    others[idx] = False
+    assert float(R0[:, others].abs().max()) == 0.0
+    # with k <= r the restricted fit reproduces W's outlier columns
+    assert torch.allclose((L0 @ R0)[:, idx], W[:, idx], atol=1e-4)
+
+
+def test_odlri_k_is_capped_at_rank(layer):
+    W, H = layer["W"], layer["H"]
+    L0, R0, idx = odlri_init(W, H, rank=2, k=16, damp=0.01)
+    assert idx.numel() == 2
+
+
+def test_role_ratios_follow_the_paper(layer):
+    """Zero init: Q carries the weight (‖QX‖/‖WX‖ ≫ ‖LRX‖/‖WX‖); SVD-of-W init: LR carries it."""
+    W, H = layer["W"], layer["H"]
+    zero = qlr.decompose(W, H, "caldera", bits=2, rank=16, init="zero", **FAST).diagnostics
+    svd = qlr.decompose(W, H, "caldera", bits=2, rank=16, init="svd", **FAST).diagnostics
+    odl = qlr.decompose(W, H, "odlri", bits=2, rank=16, odlri_k=4, **FAST).diagnostics
+    assert zero["q_ratio"][0] > 0.8 and zero["lr_ratio"][0] < 0.5
+    assert svd["lr_ratio"][0] > svd["q_ratio"][0]
+    assert odl["lr_ratio"][0] > zero["lr_ratio"][0]
+    assert len(odl["q_scale"]) == len(odl["q_ratio"])
+
+
+def test_srr_theory_k_and_fixed_k(layer):
+    W, H = layer["W"], layer["H"]
+    auto = qlr.decompose(W, H, "srr", bits=3, rank=16)
+    k = auto.diagnostics["preserve_k"]
+    assert 0 <= k <= 16 and len(auto.diagnostics["k_scores"]) == 17
+    fixed = qlr.decompose(W, H, "srr", bits=3, rank=16, preserve_k=5)
+    assert fixed.diagnostics["preserve_k"] == 5
+
+
+def test_quantized_lr_bit_accounting_and_bpw(layer):
+    W, H = layer["W"], layer["H"]
+    m, n = W.shape
+    dec = qlr.decompose(W, H, "lorc", bits=2, rank=8, group_size=32, lr_bits=4, lr_group_size=32)
+    q_bits = m * n * 2 + m * (n // 32) * (16 + 2)
+    l_bits = m * 8 * 4 + m * 1 * (16 + 4)  # L: m × 8, one group per row (8 < 32)
+    r_bits = 8 * n * 4 + 8 * (n // 32) * (16 + 4)
+    assert dec.storage_bits() == q_bits + l_bits + r_bits
+    assert dec.bits_per_weight == pytest.approx((q_bits + l_bits + r_bits) / (m * n))
+    fp = qlr.decompose(W, H, "lorc", bits=2, rank=8, group_size=32)
+    assert fp.storage_bits() == q_bits + 16 * 8 * (m + n)
+
+
+def test_rtn_and_gptq_are_q_only(layer):
+    with pytest.raises(ValueError, match="rank=0"):
+        qlr.decompose(layer["W"], layer["H"], "rtn", bits=2, rank=8)
+    assert qlr.decompose(layer["W"], layer["H"], "gptq", bits=2).rank == 0
+
+
+@pytest.mark.parametrize("method", ["caldera", "odlri", "srr", "loftq"])
+def test_deterministic(method, layer):
+    W, H = layer["W"], layer["H"]
+    opts = FAST if method in ("caldera", "odlri") else {}
+    a = qlr.decompose(W, H, method, bits=2, rank=8, **opts)
+    b = qlr.decompose(W, H, method, bits=2, rank=8, **opts)
+    assert torch.equal(a.reconstruct(), b.reconstruct()) and a.history == b.history

@@ -1,0 +1,185 @@
+"""QLRLinear computes x (Q + L R)ᵀ + b from its compressed buffers, for every storage variant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from qlr.decompose.base import Decomposition
+from qlr.nn import QLRLinear
+from qlr.quant.grid import QuantizedTensor, QuantSpec, quantize_rtn
+from qlr.quant.hadamard import Incoherence
+from qlr.quant.packing import packed_bits
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+def make_dec(m: int = 96, n: int = 160, r: int = 8, spec: QuantSpec | None = None,
+             lr_spec: QuantSpec | None = None, perm: bool = False, rotate: bool = False,
+             seed: int = 0) -> Decomposition:
+    """A Decomposition built directly: RTN codes for Q (optionally act-ordered), random L/R (fp16-exact or
+    RTN-quantized), optional Hadamard incoherence."""
+    g = torch.Generator().manual_seed(seed)
+    spec = spec or QuantSpec(bits=2, group_size=64)
+    W = torch.randn(m, n, generator=g)
+    rot = Incoherence.random(m, n, seed=seed) if rotate else None
+    Ws = rot.rotate_weight(W) if rot is not None else W
+    if perm:
+        p = torch.randperm(n, generator=g)
+        q0 = quantize_rtn(Ws[:, p], spec)  # stored column j is original column p[j]
+        q = QuantizedTensor(q0.codes, q0.scale, q0.zero, spec, p)
+    else:
+        q = quantize_rtn(Ws, spec)
+    L = torch.randn(m, r, generator=g) * 0.1
+    R = torch.randn(r, n, generator=g) * 0.1
+    lq = rq = None
+    if lr_spec is not None:
+        lq, rq = quantize_rtn(L, lr_spec), quantize_rtn(R, lr_spec)
+        L, R = lq.dequantize(), rq.dequantize()
+    else:
+        L, R = L.half().float(), R.half().float()  # what fp16 storage keeps exactly
+    return Decomposition("test", None, q, L, R, lq=lq, rq=rq, rotation=rot, shape=(m, n))
+
+
+def reference(dec: Decomposition, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ dec.reconstruct().double().T
+    return y if bias is None else y + bias.double()
+
+
+CASES = {
+    "asym2": dict(spec=QuantSpec(bits=2, group_size=64)),
+    "sym3": dict(spec=QuantSpec(bits=3, group_size=32, symmetric=True)),
+    "asym4_row": dict(spec=QuantSpec(bits=4, group_size=0)),
+    "nf3": dict(spec=QuantSpec(bits=3, group_size=64, fmt="nf")),
+    "nf4": dict(spec=QuantSpec(bits=4, group_size=32, fmt="nf")),
+    "int8_pow2scale": dict(spec=QuantSpec(bits=8, group_size=64, scale_bits=8)),
+    "fp32_scale_odd_groups": dict(spec=QuantSpec(bits=3, group_size=48, scale_bits=32)),
+    "actorder": dict(spec=QuantSpec(bits=3, group_size=32), perm=True),
+    "lr_int4": dict(lr_spec=QuantSpec(bits=4, group_size=8)),
+    "lr_int2_actorder": dict(lr_spec=QuantSpec(bits=2, group_size=4, symmetric=True), perm=True),
+    "rank0": dict(r=0),
+    "rotation": dict(m=64, n=96, rotate=True),
+    "rotation_lr_actorder": dict(m=48, n=64, rotate=True, perm=True, lr_spec=QuantSpec(bits=3, group_size=8)),
+}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_matches_dense(case: str, bias: bool) -> None:
+    dec = make_dec(**CASES[case])
+    m, n = dec.L_s.shape[0], dec.R_s.shape[1]
+    b = torch.randn(m) if bias else None
+    mod = QLRLinear.from_decomposition(dec, bias=b)
+    mod.tile_rows = 40  # several tiles, the last one partial
+    x = torch.randn(2, 3, n)
+    y = mod(x)
+    assert y.shape == (2, 3, m) and y.dtype == torch.float32
+    ref = reference(dec, x, b)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mod.dequantize_weight(), dec.reconstruct(), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["asym2", "sym3", "asym4_row", "nf3", "int8_pow2scale", "fp32_scale_odd_groups",
+                                  "actorder"])
+def test_q_decodes_bit_exactly(case: str) -> None:
+    """With rank 0 the dense weight is Q alone and must equal QuantizedTensor.dequantize() bit for bit."""
+    dec = make_dec(**{**CASES[case], "r": 0})
+    assert torch.equal(QLRLinear.from_decomposition(dec).dequantize_weight(), dec.q.dequantize())
+
+
+def _padding(qt: QuantizedTensor | None) -> int:
+    """Tail-padding bits of the packed codes (per row) and of the flattened zero points."""
+    if qt is None:
+        return 0
+    m, n = qt.codes.shape
+    pad = m * (packed_bits(n, qt.spec.bits) - n * qt.spec.bits)
+    if qt.spec.has_zero:
+        k = m * qt.spec.groups(n)
+        pad += packed_bits(k, qt.spec.bits) - k * qt.spec.bits
+    return pad
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_storage_bits_match_decomposition(case: str) -> None:
+    dec = make_dec(**CASES[case])
+    mod = QLRLinear.from_decomposition(dec)
+    expected = dec.storage_bits() + _padding(dec.q) + _padding(dec.lq) + _padding(dec.rq)
+    if dec.rotation is not None:  # one bit per sign, packed into whole int32 words
+        m, n = dec.rotation.shape
+        expected += packed_bits(m, 1) - m + packed_bits(n, 1) - n
+    assert mod.storage_bits() == expected
+    assert mod.qlr_meta()["storage_bits"] == expected
+    m, n = dec.L_s.shape[0], dec.R_s.shape[1]
+    assert mod.bits_per_weight == pytest.approx(expected / (m * n))
+
+
+def test_storage_exact_without_padding() -> None:
+    dec = make_dec(m=64, n=128, spec=QuantSpec(bits=3, group_size=64))  # 128·3 and 64·2·3 are multiples of 32
+    assert QLRLinear.from_decomposition(dec).storage_bits() == dec.storage_bits()
+
+
+def test_buffers_are_compact_and_complete() -> None:
+    dec = make_dec(spec=QuantSpec(bits=3, group_size=32), perm=True, lr_spec=QuantSpec(bits=4, group_size=8))
+    mod = QLRLinear.from_decomposition(dec, bias=torch.zeros(96))
+    sd = mod.state_dict()
+    assert set(sd) == {f"{f}_{k}" for f in "qlr" for k in ("codes", "scale", "zero")} | {"q_perm", "bias"}
+    assert sd["q_codes"].dtype == torch.int32 and sd["q_codes"].shape == (96, 15)  # 160·3/32
+    assert sd["q_scale"].dtype == torch.float16 and sd["q_scale"].shape == (96, 5)
+    assert sd["q_zero"].shape == (96 * 5 * 3 // 32,) and sd["q_perm"].dtype == torch.int16
+    assert list(mod.parameters()) == []
+    assert all(t.numel() < 96 * 160 for t in sd.values())  # no dense W anywhere
+    assert "rank=8" in repr(mod) and "+perm" in repr(mod)
+
+
+@pytest.mark.parametrize("case", ["asym2", "actorder", "rotation_lr_actorder", "rank0"])
+def test_from_meta_and_state_dict_round_trip(case: str) -> None:
+    dec = make_dec(**CASES[case])
+    mod = QLRLinear.from_decomposition(dec, bias=torch.randn(dec.L_s.shape[0]))
+    empty = QLRLinear.from_meta(mod.qlr_meta())
+    assert all(t.device.type == "meta" for t in empty.buffers())
+    empty.load_state_dict(mod.state_dict(), assign=True)
+    x = torch.randn(5, dec.R_s.shape[1])
+    assert torch.equal(empty(x), mod(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_output_dtype_follows_input(dtype: torch.dtype) -> None:
+    dec = make_dec(lr_spec=QuantSpec(bits=4, group_size=8))
+    mod = QLRLinear.from_decomposition(dec, bias=torch.randn(96))
+    x = torch.randn(4, 160)
+    y = mod(x.to(dtype))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), mod(x).double(), rtol=0.05, atol=0.1)
+
+
+def test_input_validation_and_unknown_codec() -> None:
+    mod = QLRLinear.from_decomposition(make_dec())
+    with pytest.raises(ValueError, match="last dim 160"):
+        mod(torch.randn(2, 159))
+
+    @dataclass
+    class LatticeLike:
+        codes: torch.Tensor
+
+    dec = make_dec()
+    dec.q = LatticeLike(torch.zeros(96, 20))  # type: ignore[assignment]
+    with pytest.raises(NotImplementedError, match="codec for LatticeLike"):
+        QLRLinear.from_decomposition(dec)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        QLRLinear.from_decomposition(make_dec(), bias=torch.zeros(3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_agnostic(device: str) -> None:
+    dec = make_dec(m=64, n=96, perm=True, rotate=True, lr_spec=QuantSpec(bits=4, group_size=8))
+    mod = QLRLinear.from_decomposition(dec, bias=torch.randn(64))
+    x = torch.randn(3, 96)
+    ref = mod(x)
+    mod_d = mod.to(device)
+    y = mod_d(x.to(device))
+    assert y.device.type == device
+    torch.testing.assert_close(y.cpu(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mod_d.dequantize_weight().cpu(), dec.reconstruct(), rtol=1e-5, atol=1e-5)
