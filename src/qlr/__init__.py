@@ -6,10 +6,31 @@ Core API (pure tensor functions)::
     dec.Q, dec.L, dec.R, dec.reconstruct(), dec.bits_per_weight, dec.history
     qlr.activation_aware_error(W, W_hat, H)
     qlr.methods()
+
+Models::
+
+    model = qlr.compress("smollm2-135m", method="odlri", bits=2, rank=64)
+    qlr.save(model, "dir", tokenizer); model = qlr.load("dir"); qlr.perplexity(model, tokenizer, text)
 """
+
+from typing import Any
 
 from .decompose import Decomposition, activation_aware_error, decompose, methods
 
 __version__ = "0.1.0"
 
-__all__ = ["Decomposition", "activation_aware_error", "decompose", "methods", "__version__"]
+__all__ = ["Decomposition", "activation_aware_error", "decompose", "methods", "compress", "save", "load",
+           "load_tokenizer", "perplexity", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # model-level API loads transformers lazily, so `import qlr` stays light for the pure tensor functions
+    if name in ("compress", "save", "load", "load_tokenizer"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "perplexity":
+        from .eval.perplexity import perplexity
+
+        return perplexity
+    raise AttributeError(f"module 'qlr' has no attribute {name!r}")

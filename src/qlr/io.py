@@ -197,7 +197,7 @@ def save(model: nn.Module, directory: str | Path, *, tokenizer: Any = None,
     if gen is not None and hasattr(gen, "save_pretrained"):
         gen.save_pretrained(str(directory))
         written.append(GENERATION_NAME)
-    if tokenizer is not None:
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         for p in tokenizer.save_pretrained(str(directory)):
             rel = Path(p).resolve().relative_to(directory.resolve()).as_posix()
             if (directory / rel).is_file() and rel not in written:

@@ -1,0 +1,96 @@
+"""The Python entry points: compress a model, save/load it, measure perplexity.
+
+    model = qlr.compress("smollm2-135m", method="odlri", bits=2, rank=64, calibration="sotu")
+    qlr.save(model, "runs/smol");  model = qlr.load("runs/smol")
+    qlr.perplexity(model, tokenizer, text)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import io as _io
+from .calibration.pipeline import CompressionPlan, compress_blocks
+from .data import calibration_batches, load_text, text_hash
+from .models.loading import load_model
+
+__all__ = ["compress", "save", "load", "load_tokenizer"]
+
+
+def compress(model_or_path: nn.Module | str | os.PathLike[str], method: str = "odlri", bits: int = 2,
+             rank: int | float | None = None, *, calibration: str | list[str] = "sotu", tokenizer: Any = None,
+             calib_samples: int = 64, seqlen: int = 512, layers: str | None = None, budget: float | None = None,
+             device: str | torch.device | None = None, seed: int = 0, work_dir: str | Path | None = None,
+             resume: bool = False, batch_size: int = 8, progress: bool = True, log: Any = None,
+             **method_options: Any) -> nn.Module:
+    """Compress every selected decoder linear of a causal LM into a :class:`~qlr.nn.QLRLinear` (W ≈ Q + L R).
+
+    Args:
+        model_or_path: a transformers model (then ``tokenizer`` is needed for text calibration), a built-in name
+            (``"smollm2-135m"``), a local Hugging Face directory or a ``.gguf`` file.
+        method, bits, rank: see :func:`qlr.decompose`; ``rank`` may be a fraction of min(m, n) (e.g. 0.05).
+        calibration: a built-in corpus name ("sotu"), a path to local text, a list of strings, or token ids.
+        calib_samples, seqlen: number and length of calibration windows.
+        layers: regex selecting linears by model-relative name (default: every decoder linear; never embeddings
+            or lm_head).
+        budget: all-in bits per weight; picks each layer's rank so the layer lands at (at most) that cost.
+        device: where to run (default: the model's device).
+        work_dir: where finished layers are written as they complete; with ``resume=True`` they are reloaded.
+        **method_options: options of the method's config (e.g. ``outer_iters``, ``lr_bits``, ``odlri_k``).
+
+    Returns:
+        The model, layers replaced in place; ``model.qlr_info`` describes the run and holds per-layer metrics.
+    """
+    if isinstance(model_or_path, nn.Module):
+        model = model_or_path
+        if tokenizer is None and not isinstance(calibration, torch.Tensor):
+            raise ValueError("pass tokenizer= when giving a model object with text calibration")
+    else:
+        model, tok = load_model(model_or_path)
+        tokenizer = tokenizer or tok
+    if device is not None:
+        model.to(device)
+    if isinstance(calibration, torch.Tensor):
+        ids, calib_hash = calibration.long(), text_hash(str(calibration.tolist()))
+        if ids.dim() == 1:
+            ids = ids[None]
+    else:
+        text = "\n\n".join(calibration) if isinstance(calibration, list) else load_text(calibration)
+        calib_hash = text_hash(text)
+        ids = calibration_batches(tokenizer, text, calib_samples, seqlen, seed)
+    plan = CompressionPlan(method=method, bits=bits, rank=rank, budget=budget, layers=layers,
+                           options=dict(method_options))
+    t0 = time.perf_counter()
+    metrics = compress_blocks(model, ids, plan, batch_size=batch_size, work_dir=work_dir, resume=resume,
+                              progress=progress, seed=seed, log=log)
+    n_w = sum(m["shape"][0] * m["shape"][1] for m in metrics.values())
+    bpw = sum(m["bits_per_weight"] * m["shape"][0] * m["shape"][1] for m in metrics.values()) / max(n_w, 1)
+    model.qlr_info = {
+        "model": None if isinstance(model_or_path, nn.Module) else str(model_or_path),
+        "method": method, "bits": bits, "rank": rank, "budget": budget,
+        "options": dict(method_options), "calibration_sha256": calib_hash,
+        "calibration": calibration if isinstance(calibration, str) else "<in-memory>",
+        "calib_samples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": seed,
+        "bits_per_weight": bpw, "seconds": time.perf_counter() - t0, "layer_metrics": metrics,
+    }
+    return model
+
+
+def save(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Save a compressed model (safetensors + qlr_config.json, plus the tokenizer when given)."""
+    return _io.save(model, directory, tokenizer=tokenizer, info=getattr(model, "qlr_info", None))
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a compressed checkpoint as a transformers model ready for ``generate()``."""
+    return _io.load(directory, device=device)
+
+
+def load_tokenizer(directory: str | Path) -> Any:
+    return _io.load_tokenizer(directory)

