@@ -143,3 +143,29 @@ def test_deterministic(method, layer):
     a = qlr.decompose(W, H, method, bits=2, rank=8, **opts)
     b = qlr.decompose(W, H, method, bits=2, rank=8, **opts)
     assert torch.equal(a.reconstruct(), b.reconstruct()) and a.history == b.history
+
+
+@pytest.mark.parametrize("method", ["caldera", "odlri"])
+def test_lattice_joint_path(method, layer):
+    """E8P Q + E8P 4-bit L/R under incoherence: exact original-domain reconstruction, honest bits, beats GPTQ."""
+    W, H = layer["W"], layer["H"]
+    dec = qlr.decompose(W, H, method, bits=2, rank=16, lr_bits=4, q_quantizer="e8p", lr_quantizer="e8p4",
+                        outer_iters=2, inner_iters=2)
+    assert dec.rotation is not None
+    err = qlr.activation_aware_error(W, dec.reconstruct(), H)
+    assert err == pytest.approx(min(dec.history), rel=1e-3)  # the rotation is undone exactly
+    m, n = W.shape
+    expect = (m * n // 8 * 16 + 16) + 2 * (16 * (m + n) // 8 * 16 + 2 * 16) + (m + n)
+    assert dec.storage_bits() == expect
+    gptq = qlr.decompose(W, H, "gptq", bits=2, group_size=32).history[-1]
+    assert err < gptq
+
+
+def test_lattice_options_are_validated(layer):
+    W, H = layer["W"], layer["H"]
+    with pytest.raises(ValueError, match="2 bits"):
+        qlr.decompose(W, H, "caldera", bits=3, rank=16, q_quantizer="e8p")
+    with pytest.raises(ValueError, match="lr_bits=4"):
+        qlr.decompose(W, H, "caldera", bits=2, rank=16, lr_quantizer="e8p4", lr_bits=8)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        qlr.decompose(W, H, "caldera", bits=2, rank=12, lr_bits=4, lr_quantizer="e8p4")

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from ..quant.gptq import HessianFactor, gptq_quantize
 from ..quant.grid import QuantizedTensor, QuantSpec, quantize_rtn
-from .base import Decomposition, MethodConfig
+from ..quant.ldlq_vq import ldlq_vector
+from .base import Decomposition, MethodConfig, Quantized
 from .metrics import activation_aware_error
 
 __all__ = ["q_spec", "lr_spec", "quantize_q", "store_factors", "package", "channel_scale"]
@@ -29,14 +30,19 @@ def lr_spec(cfg: MethodConfig) -> QuantSpec | None:
     return QuantSpec(bits=cfg.lr_bits, group_size=cfg.lr_group_size, symmetric=False, clip_search=True)
 
 
-def quantize_q(W: Tensor, H: Tensor | HessianFactor, cfg: MethodConfig, kind: str) -> QuantizedTensor:
-    """The Q step: ``kind`` = "rtn" (round to nearest) or "gptq" (LDLQ feedback under H)."""
+def quantize_q(W: Tensor, H: Tensor | HessianFactor, cfg: MethodConfig, kind: str) -> Quantized:
+    """The Q step: ``kind`` = "rtn" (round to nearest), "gptq" (LDLQ feedback under H, scalar grid) or "e8p"
+    (block LDLQ on QuIP#'s E8P lattice, 2 bits/weight; ``H`` must then be the n × n matrix itself)."""
+    if kind == "e8p":
+        if isinstance(H, HessianFactor):
+            raise TypeError("the e8p Q step needs H itself, not a GPTQ factor")
+        return ldlq_vector(W, H, stages=1, damp=cfg.damp)
     spec = q_spec(cfg)
     if kind == "rtn":
         return quantize_rtn(W, spec)
     if kind == "gptq":
         return gptq_quantize(W, H, spec, damp=cfg.damp, act_order=getattr(cfg, "act_order", False))
-    raise ValueError(f"unknown Q quantizer {kind!r}; use 'rtn' or 'gptq'")
+    raise ValueError(f"unknown Q quantizer {kind!r}; use 'rtn', 'gptq' or 'e8p'")
 
 
 def store_factors(L: Tensor, R: Tensor, cfg: MethodConfig
@@ -54,8 +60,8 @@ def store_factors(L: Tensor, R: Tensor, cfg: MethodConfig
     return lq.dequantize(), rq.dequantize(), lq, rq
 
 
-def package(method: str, cfg: Any, W: Tensor, H: Tensor, q: QuantizedTensor | None, L: Tensor, R: Tensor,
-            lq: QuantizedTensor | None = None, rq: QuantizedTensor | None = None,
+def package(method: str, cfg: Any, W: Tensor, H: Tensor, q: Quantized | None, L: Tensor, R: Tensor,
+            lq: Quantized | None = None, rq: Quantized | None = None,
             history: list[float] | None = None, diagnostics: dict | None = None,
             rotation: Any = None) -> Decomposition:
     """Build the Decomposition; one-shot methods get a one-entry history with their final error."""

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..quant.gptq import prepare_hessian
-from ..quant.grid import QuantizedTensor
+from ..quant.hadamard import Incoherence
 from .base import Decomposition, MethodConfig
 from .common import lr_spec, package, q_spec, quantize_q
 from .lowrank import Whitener, quantized_lowrank, weighted_sse
@@ -43,9 +43,15 @@ class JointConfig(MethodConfig):
     Attributes:
         outer_iters: Q/LR alternations (ODLRI paper's CALDERA baseline: 15).
         inner_iters: LPLR rounds inside each LR step (paper: 10).
+        inner_tol: stop the LPLR rounds early once one improves the error by less than this fraction.
         init: "zero" (L0R0 = 0, Q first), "svd" (LR first: activation-aware rank-r fit of W), "odlri".
         odlri_k: ODLRI's number of outlier input channels k (≤ rank).
-        q_quantizer: "gptq" (LDLQ feedback, default) or "rtn".
+        q_quantizer: "gptq" (LDLQ feedback on the scalar grid, default), "rtn", or "e8p" (block LDLQ on QuIP#'s
+            E8P lattice, 2 bits/weight, one scale per matrix; ``bits`` must be 2).
+        lr_quantizer: "uniform" (group-wise scalar grid at ``lr_bits``, or fp16 when ``lr_bits`` = 16) or "e8p4"
+            (two-stage E8P lattice, 4 bits/weight; ``lr_bits`` must be 4, rank a multiple of 8).
+        incoherence: random-sign Hadamard rotation of W and H on both sides before decomposing (QuIP#/CALDERA);
+            None = on exactly when a lattice quantizer is used. Dimensions must be 2^a·b for the supported b.
         act_order: GPTQ column order by decreasing diag H.
         clip_search: per-group range search for Q's grid.
         patience: stop after this many outer iterations without a new best error (0 = never stop early).
@@ -56,20 +62,38 @@ class JointConfig(MethodConfig):
     lr_bits: int = 4
     outer_iters: int = 15
     inner_iters: int = 10
+    inner_tol: float = 1e-3
     init: str = "zero"
     odlri_k: int = 16
     q_quantizer: str = "gptq"
+    lr_quantizer: str = "uniform"
+    incoherence: bool | None = None
     act_order: bool = False
     clip_search: bool = True
     patience: int = 3
 
+    @property
+    def use_incoherence(self) -> bool:
+        if self.incoherence is None:
+            return self.q_quantizer == "e8p" or self.lr_quantizer == "e8p4"
+        return self.incoherence
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        q_spec(self)
+        if self.q_quantizer != "e8p":
+            q_spec(self)
         if self.init not in ("zero", "svd", "odlri"):
             raise ValueError(f"init must be 'zero', 'svd' or 'odlri', got {self.init!r}")
-        if self.q_quantizer not in ("gptq", "rtn"):
-            raise ValueError(f"q_quantizer must be 'gptq' or 'rtn', got {self.q_quantizer!r}")
+        if self.q_quantizer not in ("gptq", "rtn", "e8p"):
+            raise ValueError(f"q_quantizer must be 'gptq', 'rtn' or 'e8p', got {self.q_quantizer!r}")
+        if self.q_quantizer == "e8p" and self.bits != 2:
+            raise ValueError(f"q_quantizer='e8p' codes 2 bits/weight; got bits={self.bits}")
+        if self.lr_quantizer not in ("uniform", "e8p4"):
+            raise ValueError(f"lr_quantizer must be 'uniform' or 'e8p4', got {self.lr_quantizer!r}")
+        if self.lr_quantizer == "e8p4" and self.lr_bits != 4:
+            raise ValueError(f"lr_quantizer='e8p4' codes 4 bits/weight; pass lr_bits=4 (got {self.lr_bits})")
+        if self.lr_quantizer == "e8p4" and self.rank % 8:
+            raise ValueError(f"lr_quantizer='e8p4' needs a rank that is a multiple of 8, got {self.rank}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
         if self.outer_iters < 1 or self.inner_iters < 1:
@@ -108,21 +132,33 @@ def _ratios(W: Tensor, H: Tensor, Qd: Tensor, LR: Tensor) -> tuple[float, float]
 
 def joint_decompose(name: str, W: Tensor, H: Tensor, cfg: JointConfig) -> Decomposition:
     """Run the alternation from ``cfg.init`` and return the best iterate (see module docstring)."""
-    W = W.float()
-    dev = W.device
-    Hd = H.to(dev)
-    m, n = W.shape
+    W0 = W.float()
+    dev = W0.device
+    m, n = W0.shape
+    H0 = H.to(dev)
+    rotation = None
+    if cfg.use_incoherence:
+        if cfg.q_quantizer == "e8p" and n % 8:
+            raise ValueError(f"q_quantizer='e8p' needs in_features to be a multiple of 8, got {n}")
+        rotation = Incoherence.random(m, n, seed=cfg.seed, device=dev)
+        W = rotation.rotate_weight(W0)
+        Hd = rotation.rotate_hessian(H0.to(torch.float64))
+        Hd = (Hd + Hd.T) / 2
+    else:
+        W, Hd = W0, H0
     wh = Whitener.from_hessian(Hd, cfg.damp)
-    hfac = prepare_hessian(Hd, cfg.damp, cfg.act_order)
-    hfac_lr = prepare_hessian(Hd, cfg.damp) if cfg.act_order else hfac
+    hfac = Hd if cfg.q_quantizer == "e8p" else prepare_hessian(Hd, cfg.damp, cfg.act_order)
+    hfac_lr = prepare_hessian(Hd, cfg.damp) if (cfg.act_order or cfg.q_quantizer == "e8p") else hfac
     lspec = lr_spec(cfg)
+    lattice_lr = cfg.lr_quantizer == "e8p4"
     total = weighted_sse(W, Hd)
 
     def f(Qd: Tensor, LR: Tensor) -> float:
         return weighted_sse(W - Qd - LR, Hd) / total
 
     def lr_step(D: Tensor):
-        return quantized_lowrank(D, wh, cfg.rank, lspec, iters=cfg.inner_iters, hfac=hfac_lr, damp=cfg.damp)
+        return quantized_lowrank(D, wh, cfg.rank, lspec, iters=cfg.inner_iters, hfac=hfac_lr, damp=cfg.damp,
+                                 lattice=lattice_lr, tol=cfg.inner_tol)
 
     diag: dict[str, Any] = {"q_ratio": [], "lr_ratio": [], "q_scale": []}
     lr = None  # current stored LR (a LowRankResult); None before the first LR step
@@ -131,12 +167,15 @@ def joint_decompose(name: str, W: Tensor, H: Tensor, cfg: JointConfig) -> Decomp
         lr = lr_step(W)
         LR = lr.L @ lr.R
     elif cfg.init == "odlri":
-        L0, R0, idx = odlri_init(W, Hd, cfg.rank, cfg.odlri_k, cfg.damp)
+        # outlier channels are found in the original domain (a rotation spreads them), then L0R0 is rotated
+        L0, R0, idx = odlri_init(W0, H0, cfg.rank, cfg.odlri_k, cfg.damp)
         LR = L0 @ R0
         diag["odlri_channels"] = idx.tolist()
-        diag["init_lr_ratio"] = role_ratio(LR, W, Hd)
+        diag["init_lr_ratio"] = role_ratio(LR, W0, H0)
+        if rotation is not None:
+            LR = rotation.rotate_weight(LR)
     history: list[float] = []
-    best: tuple[float, QuantizedTensor, Any] | None = None
+    best: tuple[float, Any, Any] | None = None
     since_best = 0
     for _ in range(cfg.outer_iters):
         q = quantize_q(W - LR, hfac, cfg, cfg.q_quantizer)  # Q step
@@ -159,4 +198,5 @@ def joint_decompose(name: str, W: Tensor, H: Tensor, cfg: JointConfig) -> Decomp
     err, q, lr = best
     diag["best_iter"] = history.index(err)
     diag["final_q_scale"] = q.mean_scale()
-    return package(name, cfg, W, H, q, lr.L, lr.R, lr.lq, lr.rq, history=history, diagnostics=diag)
+    return package(name, cfg, W0, H0, q, lr.L, lr.R, lr.lq, lr.rq, history=history, diagnostics=diag,
+                   rotation=rotation)

@@ -14,12 +14,15 @@ and keep the pair with the lowest tr((D − L̂R̂) H (D − L̂R̂)ᵀ).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..quant.gptq import HessianFactor, damped, gptq_quantize, prepare_hessian
-from ..quant.grid import QuantizedTensor, QuantSpec
+from ..quant.grid import QuantSpec
+from ..quant.hadamard import hadamard_transform, is_supported
+from ..quant.ldlq_vq import ldlq_vector
 
 __all__ = ["Whitener", "lowrank_fit", "LowRankResult", "quantized_lowrank", "weighted_sse", "psd_solve"]
 
@@ -86,8 +89,8 @@ class LowRankResult:
 
     L: Tensor
     R: Tensor
-    lq: QuantizedTensor | None
-    rq: QuantizedTensor | None
+    lq: Any
+    rq: Any
     sse: float
 
 
@@ -96,11 +99,17 @@ def _fp16(L: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def quantized_lowrank(D: Tensor, wh: Whitener, rank: int, spec: QuantSpec | None, *, iters: int = 10,
-                      hfac: HessianFactor | None = None, damp: float = 0.01) -> LowRankResult:
+                      hfac: HessianFactor | None = None, damp: float = 0.01, lattice: bool = False,
+                      tol: float = 1e-6) -> LowRankResult:
     """Rank-``rank`` factors of D (m × n) stored at ``spec`` (None = fp16), minimising ‖(D − L R) S‖_F.
 
     ``wh`` supplies H (damped) and its square roots; ``hfac`` (GPTQ factor of the same H) is reused when given.
-    Runs up to ``iters`` LPLR rounds and returns the best pair found (never worse than the first)."""
+    With ``lattice=True`` L and R are coded with the two-stage E8P lattice (4 bits/weight, block LDLQ under the
+    same Hessians) instead of ``spec``'s scalar grid; ``rank`` and n must then be multiples of 8. Before the first
+    rounding the rank dimension is mixed by a random-sign Hadamard matrix when r allows it (L R = (L Pᵀ)(P R) for
+    orthogonal P), which evens out the factors' row/column magnitudes for a per-matrix lattice scale.
+    Runs up to ``iters`` LPLR rounds, stopping early once a round improves the error by less than ``tol``
+    (relative), and returns the best pair found (never worse than the first)."""
     H = wh.H.to(D.device)
     L, R = lowrank_fit(D, wh, rank)
     if rank == 0:
@@ -108,24 +117,46 @@ def quantized_lowrank(D: Tensor, wh: Whitener, rank: int, spec: QuantSpec | None
     if spec is None:
         Lh, Rh = _fp16(L, R)
         return LowRankResult(Lh, Rh, None, None, weighted_sse(D - Lh @ Rh, H))
-    hfac = hfac or prepare_hessian(H, damp)
+    if lattice:
+        if rank % 8 or D.shape[1] % 8:
+            raise ValueError(f"lattice-coded L/R need rank and n to be multiples of 8, got rank {rank}, n {D.shape[1]}")
+
+        def qR(X: Tensor) -> Any:
+            return ldlq_vector(X, H, stages=2, damp=damp)
+
+        def qL(X: Tensor, G: Tensor) -> Any:
+            return ldlq_vector(X, G, stages=2, damp=damp)
+        if is_supported(rank):
+            # L R = (L Pᵀ)(P R) with P = Had_r diag(s)/√r orthogonal: spreads the rank-1 terms' magnitudes
+            s = (torch.randint(0, 2, (rank,), generator=torch.Generator().manual_seed(rank)) * 2 - 1).to(L)
+            R = hadamard_transform(R.T * s).T.contiguous()
+            L = hadamard_transform(L * s)
+    else:
+        hfac = hfac or prepare_hessian(H, damp)
+
+        def qR(X: Tensor) -> Any:
+            return gptq_quantize(X, hfac, spec)
+
+        def qL(X: Tensor, G: Tensor) -> Any:
+            return gptq_quantize(X, G, spec, damp=damp)
     DH = D.float() @ H
     best: LowRankResult | None = None
-    rq: QuantizedTensor = gptq_quantize(R, hfac, spec)
+    rq = qR(R)
     for _ in range(max(1, iters)):
         Rhat = rq.dequantize()
         G = Rhat @ H @ Rhat.T
         Lstar = psd_solve(G, (DH @ Rhat.T).T).T
-        lq = gptq_quantize(Lstar, G, spec, damp=damp)
+        lq = qL(Lstar, G)
         Lhat = lq.dequantize()
         sse = weighted_sse(D - Lhat @ Rhat, H)
+        prev = best.sse if best is not None else None
         if best is None or sse < best.sse:
             best = LowRankResult(Lhat, Rhat, lq, rq, sse)
-        elif sse >= best.sse * (1 - 1e-6):
-            break
+        if prev is not None and sse >= prev * (1 - tol):
+            break  # no (or less than ``tol`` relative) progress: further rounds are not worth their cost
         # R given the quantized L: R* = (L̂ᵀL̂)⁻¹ L̂ᵀ D (H-independent for an unconstrained R)
         LtL = Lhat.T @ Lhat
         Rstar = psd_solve(LtL, Lhat.T @ D.float())
-        rq = gptq_quantize(Rstar, hfac, spec)
+        rq = qR(Rstar)
     assert best is not None
     return best

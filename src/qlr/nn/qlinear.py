@@ -17,6 +17,10 @@ wins (:func:`register_codec` adds one, e.g. for lattice codes):
   scales (m, groups) as fp16 / fp32 / int8 power-of-two exponents (``scale_bits`` 16 / 32 / 8), bit-packed integer
   zero points (flattened, only when the grid has them; fp16 when they are not integers) and an optional act-order
   permutation (int16 when n < 2¹⁵, else int32; stored column j is original column ``perm[j]``).
+* ``e8p``   — an E8P lattice-coded :class:`~qlr.quant.e8p.LatticeQuantizedTensor`: the int16 codes
+  (stages, m, n/8) as they are (one unsigned 16-bit code per 8 weights per stage is already the packed form) and
+  the per-stage scales (stages,) in fp16 (``scale_bits`` 16) or fp32 (32). Rows are decoded by codebook lookup,
+  Σ_s scale_s · codeword(codes[s, rows]), bit for bit what ``dequantize()`` gives.
 * ``dense`` — a plain tensor stored in fp16 (L and R when they are not quantized).
 
 Buffer names: ``q_codes, q_scale, q_zero, q_perm``, ``l_…``/``r_…`` likewise (or ``l_dense``, ``r_dense``),
@@ -33,13 +37,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from qlr.quant.e8p import E8P_DIM, LatticeQuantizedTensor, e8p_codebook
 from qlr.quant.grid import QuantizedTensor, QuantSpec, nf_levels
 from qlr.quant.packing import MAX_BITS, pack, unpack
 
 if TYPE_CHECKING:
     from qlr.decompose.base import Decomposition
 
-__all__ = ["QLRLinear", "Codec", "GridCodec", "DenseCodec", "register_codec", "codec_for", "META_VERSION"]
+__all__ = ["QLRLinear", "Codec", "GridCodec", "LatticeCodec", "DenseCodec", "register_codec", "codec_for",
+           "META_VERSION"]
 
 META_VERSION = 1
 RowDecoder = Callable[[int, int], Tensor]
@@ -196,6 +202,65 @@ class GridCodec:
         return total
 
 
+class LatticeCodec:
+    """E8P lattice codes (:class:`~qlr.quant.e8p.LatticeQuantizedTensor`; 2 bits per weight per stage).
+
+    Buffers: ``codes`` (stages, m, n/8) int16 (each code's unsigned 16-bit pattern) and ``scale`` (stages,) fp16
+    or fp32 per ``scale_bits``. Metadata: ``shape``, ``stages``, ``scale_bits``.
+    """
+
+    name = "e8p"
+    _scale_dtypes = {16: torch.float16, 32: torch.float32}
+
+    def accepts(self, obj: object) -> bool:
+        return isinstance(obj, LatticeQuantizedTensor)
+
+    def encode(self, lt: LatticeQuantizedTensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        if lt.codes.dim() != 3 or lt.codes.dtype != torch.int16:
+            raise ValueError(f"E8P codes must be (stages, m, n/8) int16, got {tuple(lt.codes.shape)} {lt.codes.dtype}")
+        if lt.scale_bits not in self._scale_dtypes:
+            raise ValueError(f"E8P scale_bits must be 16 or 32, got {lt.scale_bits}")
+        stages = lt.stages
+        if tuple(lt.scales.shape) != (stages,):
+            raise ValueError(f"E8P scales must have shape ({stages},), got {tuple(lt.scales.shape)}")
+        scale = lt.scales.detach().to(self._scale_dtypes[lt.scale_bits])
+        if not torch.equal(scale.float(), lt.scales.detach().float()):
+            raise ValueError(f"E8P scales {lt.scales.tolist()} are not exactly representable in "
+                             f"{lt.scale_bits} bits")
+        m, n = lt.shape
+        bufs = {"codes": lt.codes.detach().clone(), "scale": scale.clone()}
+        return bufs, {"codec": self.name, "shape": [m, n], "stages": stages, "scale_bits": lt.scale_bits}
+
+    def empty(self, meta: Mapping[str, Any], device: torch.device | str) -> dict[str, Tensor]:
+        m, n = meta["shape"]
+        if n % E8P_DIM:
+            raise ValueError(f"E8P metadata shape {m} × {n}: columns must be a multiple of {E8P_DIM}")
+        stages = meta["stages"]
+        return {"codes": torch.empty(stages, m, n // E8P_DIM, dtype=torch.int16, device=device),
+                "scale": torch.empty(stages, dtype=self._scale_dtypes[meta["scale_bits"]], device=device)}
+
+    def decoder(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> RowDecoder:
+        n = meta["shape"][1]
+        codes = bufs["codes"]
+        scale = bufs["scale"].float()
+        book = e8p_codebook(codes.device)  # 65536 × 8 float32, cached per device; row c is e8p_decode(c)
+
+        def rows(start: int, stop: int) -> Tensor:
+            idx = codes[:, start:stop].to(torch.int64) & 0xFFFF  # int16 bit pattern → unsigned code
+            out = torch.zeros(stop - start, n, dtype=torch.float32, device=codes.device)
+            for s in range(codes.shape[0]):  # same order and float32 arithmetic as LatticeQuantizedTensor
+                out += scale[s] * book[idx[s]].reshape(stop - start, n)
+            return out
+
+        return rows
+
+    def column_perm(self, bufs: Mapping[str, Tensor]) -> Tensor | None:
+        return None
+
+    def storage_bits(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> int:
+        return bufs["codes"].numel() * 16 + bufs["scale"].numel() * int(meta["scale_bits"])
+
+
 class DenseCodec:
     """A plain matrix kept in fp16 (L and R when they are not quantized)."""
 
@@ -222,7 +287,7 @@ class DenseCodec:
         return bufs["dense"].numel() * bufs["dense"].element_size() * 8
 
 
-_CODECS: list[Codec] = [GridCodec(), DenseCodec()]
+_CODECS: list[Codec] = [GridCodec(), LatticeCodec(), DenseCodec()]
 
 
 def register_codec(codec: Codec) -> None:
@@ -450,6 +515,8 @@ def _describe(fm: Mapping[str, Any]) -> str:
     if fm["codec"] == "grid":
         kind = "nf" if fm["fmt"] == "nf" else ("sym" if fm["symmetric"] else "asym")
         return f"{kind}{fm['bits']}/g{fm['group_size']}" + ("+perm" if fm["perm"] else "")
+    if fm["codec"] == "e8p":
+        return ("e8p" if fm["stages"] == 1 else f"e8p{2 * fm['stages']}") + ("/s32" if fm["scale_bits"] == 32 else "")
     if fm["codec"] == "dense":
         return fm["dtype"]
     return str(fm["codec"])
