@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qlr.models.tiny import ByteTokenizer, tiny_llama
+from tests.layers import llm_like
 
 SAMPLE_TEXT = (
     "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my "
@@ -49,3 +50,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def layer() -> dict:
+    """A small LLM-like layer (48 × 128) with 4 activation-outlier input channels; see ``tests/layers.py``."""
+    return llm_like()
+
+
+@pytest.fixture(scope="session")
+def wide_layer() -> dict:
+    return llm_like(m=64, n=256, seed=1)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+# "cpu" always; "cuda" only where a GPU is present (the `gpu` marker lets CI deselect it explicitly)
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
 
 
 def llm_like(m: int = 48, n: int = 128, n_tokens: int = 1024, n_out: int = 4, out_scale: float = 20.0,

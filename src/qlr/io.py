@@ -17,7 +17,6 @@ re-ties shared weights (e.g. SmolLM2's embeddings and lm_head).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -63,11 +62,9 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 # ---- small file helpers ----------------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from .data import file_sha256
+
+    return file_sha256(path)
 
 
 def _jsonable(x: Any) -> Any:

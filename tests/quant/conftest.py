@@ -1,17 +1,18 @@
-"""Fixtures: small LLM-like layers (see ``tests/layers.py``)."""
+"""Quantizer tests run with one intra-op thread (many small ops; robust timing on a loaded machine)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
-
-from tests.layers import llm_like
-
-
-@pytest.fixture(scope="session")
-def layer() -> dict:
-    return llm_like()
+import torch
 
 
-@pytest.fixture(scope="session")
-def wide_layer() -> dict:
-    return llm_like(m=64, n=256, seed=1)
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread() -> Iterator[None]:
+    """These tests run many small tensor ops; with one intra-op thread they take the same ~1 s on an idle or a
+    busy machine (two OpenMP threads sharing loaded cores stall on every op). Restored after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

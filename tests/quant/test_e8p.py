@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -17,18 +15,7 @@ from qlr.quant.e8p import (
     e8p_round,
     quantize_e8p,
 )
-
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])]
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    """These tests run many small tensor ops; with one intra-op thread they take the same ~1 s on an idle or a
-    busy machine (two OpenMP threads sharing loaded cores stall on every op). Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.layers import DEVICES
 
 
 def test_codebook_structure() -> None:

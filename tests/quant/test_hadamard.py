@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -16,21 +14,11 @@ from qlr.quant.hadamard import (
     hadamard_transform,
     is_supported,
 )
+from tests.layers import DEVICES  # noqa: E402
 
 BUILT = [b for b in SUPPORTED_BASES if b > 1]
 SIZES = [1, 2, 8, 12, 24, 28, 36, 40, 52, 60, 108, 140, 156, 172, 192, 576, 1536, 12 * 64, 20 * 8, 52 * 4,
          172 * 4]
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])]
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    """These tests run many small tensor ops; with one intra-op thread they take the same ~1 s on an idle or a
-    busy machine (two OpenMP threads sharing loaded cores stall on every op). Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("b", BUILT)

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 from qlr.quant.e8p import quantize_e8p
 from qlr.quant.hadamard import Incoherence
 from qlr.quant.ldlq_vq import block_ldl, damp_hessian, ldlq_vector
-
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    """These tests run many small tensor ops; with one intra-op thread they take the same ~1 s on an idle or a
-    busy machine (two OpenMP threads sharing loaded cores stall on every op). Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _problem(m: int, n: int, seed: int = 0, outliers: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
