@@ -169,3 +169,25 @@ def test_lattice_options_are_validated(layer):
         qlr.decompose(W, H, "caldera", bits=2, rank=16, lr_quantizer="e8p4", lr_bits=8)
     with pytest.raises(ValueError, match="multiple of 8"):
         qlr.decompose(W, H, "caldera", bits=2, rank=12, lr_bits=4, lr_quantizer="e8p4")
+
+
+def test_hessian_downdate_removes_lr_directions(layer):
+    from qlr.decompose.joint import downdated_hessian
+    from qlr.decompose.lowrank import Whitener, lowrank_fit
+    from qlr.decompose.metrics import weighted_energy
+
+    W, H = layer["W"], layer["H"]
+    L, R = lowrank_fit(W, Whitener.from_hessian(H, 0.01), 4)
+    LR = L @ R
+    Hq = downdated_hessian(H, LR, 4, 0.01)
+    assert torch.allclose(Hq, Hq.T) and float(torch.linalg.eigvalsh(Hq)[0]) > 0
+    # the LR directions weigh (almost) nothing under the downdated H, unlike under H itself
+    assert weighted_energy(LR, Hq) < 0.05 * weighted_energy(LR, H)
+
+
+def test_hessian_downdate_option(layer):
+    W, H = layer["W"], layer["H"]
+    on = qlr.decompose(W, H, "caldera", bits=2, rank=16, **FAST)
+    off = qlr.decompose(W, H, "caldera", bits=2, rank=16, hessian_downdate=False, **FAST)
+    assert on.config.hessian_downdate and not off.config.hessian_downdate
+    assert on.history != off.history  # the option changes the Q step

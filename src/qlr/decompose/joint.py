@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..quant.gptq import prepare_hessian
+from ..quant.gptq import damped, prepare_hessian
 from ..quant.hadamard import Incoherence
 from .base import Decomposition, MethodConfig
 from .common import lr_spec, package, q_spec, quantize_q
@@ -55,6 +55,9 @@ class JointConfig(MethodConfig):
         act_order: GPTQ column order by decreasing diag H.
         clip_search: per-group range search for Q's grid.
         patience: stop after this many outer iterations without a new best error (0 = never stop early).
+        hessian_downdate: CALDERA's option (from QuIP#): quantize Q under H with the directions that the current
+            L R spans removed, H − M V Vᵀ Mᵀ (H = M Mᵀ, V the top-r right singular vectors of L R M), re-regularised;
+            errors there are the ones the next LR step can absorb.
     """
 
     bits: int = 2
@@ -71,6 +74,7 @@ class JointConfig(MethodConfig):
     act_order: bool = False
     clip_search: bool = True
     patience: int = 3
+    hessian_downdate: bool = True
 
     @property
     def use_incoherence(self) -> bool:
@@ -126,6 +130,20 @@ def odlri_init(W: Tensor, H: Tensor, rank: int, k: int, damp: float) -> tuple[Te
     return L0, R0, idx
 
 
+def downdated_hessian(H: Tensor, LR: Tensor, rank: int, damp: float) -> Tensor:
+    """H − M V Vᵀ Mᵀ for H = M Mᵀ (damped, n × n) and V (n × r) the top right singular vectors of LR M (m × n),
+    shifted to be positive definite and damped again (float64)."""
+    Hd = damped(H, damp)
+    M = torch.linalg.cholesky(Hd)
+    _, _, Vh = torch.linalg.svd(LR.to(torch.float64) @ M, full_matrices=False)
+    MV = M @ Vh[:rank].T
+    Hq = Hd - MV @ MV.T
+    Hq = (Hq + Hq.T) / 2
+    lam_min = float(torch.linalg.eigvalsh(Hq)[0])
+    shift = max(-lam_min, 0.0) + damp * float(torch.diagonal(Hd).mean())
+    return Hq + shift * torch.eye(Hq.shape[0], dtype=Hq.dtype, device=Hq.device)
+
+
 def _ratios(W: Tensor, H: Tensor, Qd: Tensor, LR: Tensor) -> tuple[float, float]:
     return role_ratio(Qd, W, H), role_ratio(LR, W, H)
 
@@ -178,7 +196,11 @@ def joint_decompose(name: str, W: Tensor, H: Tensor, cfg: JointConfig) -> Decomp
     best: tuple[float, Any, Any] | None = None
     since_best = 0
     for _ in range(cfg.outer_iters):
-        q = quantize_q(W - LR, hfac, cfg, cfg.q_quantizer)  # Q step
+        qH = hfac
+        if cfg.hessian_downdate and bool(LR.any()):
+            Hq = downdated_hessian(Hd, LR, cfg.rank, cfg.damp)
+            qH = Hq if cfg.q_quantizer == "e8p" else prepare_hessian(Hq, cfg.damp, cfg.act_order)
+        q = quantize_q(W - LR, qH, cfg, cfg.q_quantizer)  # Q step
         Qd = q.dequantize()
         lr = lr_step(W - Qd)  # LR step
         LR = lr.L @ lr.R
