@@ -140,3 +140,14 @@ def test_budget_lands_at_or_below_target(tiny_model, byte_tokenizer, sample_text
                          calibration=[sample_text * 4], calib_samples=4, seqlen=64, progress=False, **FAST)
     bpws = [m["bits_per_weight"] for m in model.qlr_info["layer_metrics"].values()]
     assert max(bpws) <= 3.5 + 0.05 and min(bpws) > 2.5
+
+
+def test_budget_with_lattice_codes_lands_at_target():
+    plan = CompressionPlan(method="odlri", bits=2, budget=2.5,
+                           options=dict(q_quantizer="e8p", lr_quantizer="e8p4", lr_bits=4))
+    for m, n in ((576, 576), (192, 576), (1536, 576), (576, 1536)):
+        r = plan.rank_for(m, n)
+        assert r % 8 == 0 and r > 0
+        bits = 2 * m * n + 16 + 4 * r * (m + n) + 2 * 2 * 16 + (m + n)
+        assert bits / (m * n) <= 2.5
+        assert (bits + 4 * 8 * (m + n)) / (m * n) > 2.5  # 8 more ranks would not fit

@@ -87,8 +87,16 @@ class CompressionPlan:
             cfg = make_config(self.method, bits=self.bits, **{k: v for k, v in self.options.items()})
             from ..decompose.common import q_spec
 
-            q_bpw = q_spec(cfg).bits_per_weight(n)
+            lattice_q = getattr(cfg, "q_quantizer", "") == "e8p"
+            lattice_lr = getattr(cfg, "lr_quantizer", "") == "e8p4"
+            signs = (m + n) if getattr(cfg, "use_incoherence", False) else 0
+            # E8P: 16 bits per 8 weights plus one fp16 scale; scalar grids: codes + per-group scale/zero
+            q_bits = 2 * m * n + 16 if lattice_q else q_spec(cfg).bits_per_weight(n) * m * n
+            q_bpw = (q_bits + signs) / (m * n)
             lr_bits = getattr(cfg, "lr_bits", 16)
+            if lattice_lr:  # 4 bits per entry + 2 fp16 scales per factor; the rank must be a multiple of 8
+                spare = (self.budget - q_bpw) * m * n - 4 * 16
+                return max(0, min(min(m, n), int(spare // (4 * (m + n)))) // 8 * 8)
             return budget_rank(self.budget, q_bpw, m, n, lr_bits, getattr(cfg, "lr_group_size", 64))
         if self.rank is None:
             return None
