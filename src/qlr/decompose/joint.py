@@ -102,10 +102,8 @@ class JointConfig(MethodConfig):
             raise ValueError(f"patience must be >= 0, got {self.patience}")
         if self.outer_iters < 1 or self.inner_iters < 1:
             raise ValueError("outer_iters and inner_iters must be >= 1")
-        if self.init == "odlri" and not (1 <= self.odlri_k):
+        if self.init == "odlri" and self.odlri_k < 1:
             raise ValueError(f"odlri_k must be >= 1, got {self.odlri_k}")
-        if self.rank < 1:
-            raise ValueError("the joint methods need rank >= 1 (use 'gptq' for Q only)")
 
 
 def odlri_init(W: Tensor, H: Tensor, rank: int, k: int, damp: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -181,6 +179,10 @@ def joint_decompose(name: str, W: Tensor, H: Tensor, cfg: JointConfig) -> Decomp
     diag: dict[str, Any] = {"q_ratio": [], "lr_ratio": [], "q_scale": []}
     lr = None  # current stored LR (a LowRankResult); None before the first LR step
     LR = W.new_zeros(m, n)
+    if cfg.rank == 0:  # nothing to alternate with (e.g. a budget that leaves no room for L R): Q step only
+        q = quantize_q(W, hfac, cfg, cfg.q_quantizer)
+        return package(name, cfg, W0, H0, q, W.new_zeros(m, 0), W.new_zeros(0, n), rotation=rotation,
+                       diagnostics={"q_scale": [q.mean_scale()], "final_q_scale": q.mean_scale()})
     if cfg.init == "svd":
         lr = lr_step(W)
         LR = lr.L @ lr.R

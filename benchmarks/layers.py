@@ -1,0 +1,129 @@
+"""Real SmolLM2-135M layers: activation-aware error and time of every method, plus the ODLRI paper's analysis.
+
+    python benchmarks/layers.py --quick      # one early block, a few settings (minutes)
+    python benchmarks/layers.py              # early, middle and late blocks; bits 2 and 3; ranks 0..10 %
+
+H comes from the FP model on State of the Union calibration text (float64, per linear group). For each selected
+linear (q, k, v, o, gate, up, down) and setting, every method in ``qlr.methods()`` is run; Q-only methods at rank 0.
+Writes benchmarks/results/layers.json with the run metadata. Timing ratios are against RTN in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import qlr  # noqa: E402
+from common import run_meta, write_result  # noqa: E402
+from qlr.calibration.hessian import HessianAccumulator  # noqa: E402
+from qlr.calibration.pipeline import _run_block, capture_block_inputs  # noqa: E402
+from qlr.data import calibration_batches, load_text  # noqa: E402
+from qlr.models.loading import load_model  # noqa: E402
+from qlr.models.registry import arch_spec, get_blocks  # noqa: E402
+
+
+def collect_hessians(blocks_wanted: list[int], calib_samples: int, seqlen: int, seed: int) -> dict:
+    """{(block, linear): (W, H, mean_abs)} from the FP model, for the requested blocks."""
+    model, tok = load_model("smollm2-135m")
+    spec = arch_spec(model)
+    ids = calibration_batches(tok, load_text("sotu"), calib_samples, seqlen, seed)
+    inputs, kwargs = capture_block_inputs(model, ids)
+    out = {}
+    for b, block in enumerate(get_blocks(model, spec)):
+        if b > max(blocks_wanted):
+            break
+        if b in blocks_wanted:
+            accs, handles = {}, []
+            for grp in spec.linear_groups:
+                lin = block.get_submodule(grp[0])
+                accs[grp] = HessianAccumulator(lin.in_features)
+                handles.append(lin.register_forward_pre_hook(lambda _m, a, acc=accs[grp]: acc.add(a[0])))
+            with torch.no_grad():
+                _run_block(block, inputs, kwargs)
+            for h in handles:
+                h.remove()
+            for grp, acc in accs.items():
+                H, mean_abs = acc.finalize()
+                for name in grp:
+                    W = block.get_submodule(name).weight.detach().float().clone()
+                    out[(b, name)] = (W, H, mean_abs)
+        with torch.no_grad():
+            inputs = _run_block(block, inputs, kwargs)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    blocks = [0] if args.quick else [0, 15, 29]
+    linears = (["self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"] if args.quick else
+               ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj"])
+    bits_list = [2] if args.quick else [2, 3]
+    fracs = [0.05] if args.quick else [0.02, 0.05, 0.1]
+    lr_bits_list = [4] if args.quick else [16, 4]
+    joint = dict(outer_iters=3, inner_iters=3) if args.quick else dict(outer_iters=15, inner_iters=10)
+    t0 = time.perf_counter()
+    data = collect_hessians(blocks, args.calib_samples, args.seqlen, args.seed)
+    print(f"calibration: {time.perf_counter() - t0:.0f}s", flush=True)
+    rows = []
+
+    def run(b: int, name: str, method: str, bits: int, rank: int, lr_bits: int, **opts) -> dict:
+        W, H, mean_abs = data[(b, name)]
+        t = time.perf_counter()
+        kw = {} if method in ("rtn", "gptq") else dict(rank=rank, lr_bits=lr_bits)
+        dec = qlr.decompose(W, H, method, bits=bits, mean_abs=mean_abs, name=f"{b}.{name}", **kw, **opts)
+        row = {"block": b, "linear": name, "shape": list(W.shape), "method": method, "bits": bits,
+               "rank": dec.rank, "lr_bits": lr_bits if dec.rank else None, "options": opts,
+               "act_err": min(dec.history), "bits_per_weight": dec.bits_per_weight,
+               "seconds": time.perf_counter() - t, "history": dec.history}
+        for k in ("q_ratio", "lr_ratio", "q_scale", "final_q_scale", "preserve_k"):
+            if k in dec.diagnostics:
+                row[k] = dec.diagnostics[k]
+        rows.append(row)
+        print(f"{b:2d} {name:18s} {method:12s} b{bits} r{dec.rank:<4d} lr{lr_bits:<2d} err {row['act_err']:.4f} "
+              f"bpw {row['bits_per_weight']:.3f} {row['seconds']:.1f}s", flush=True)
+        return row
+
+    for (b, name) in data:
+        if name not in linears:
+            continue
+        m, n = data[(b, name)][0].shape
+        for bits in bits_list:
+            base = run(b, name, "rtn", bits, 0, 16)
+            run(b, name, "gptq", bits, 0, 16)
+            for frac in fracs:
+                rank = max(8, round(frac * min(m, n)) // 8 * 8)
+                for lr_bits in lr_bits_list:
+                    for method in ("lorc", "lqer", "qera-exact", "qera-approx", "srr", "loftq"):
+                        run(b, name, method, bits, rank, lr_bits)
+                    for method in ("caldera", "odlri"):
+                        run(b, name, method, bits, rank, lr_bits, **joint)
+            for row in rows:
+                if row["block"] == b and row["linear"] == name and row["bits"] == bits:
+                    row["time_vs_rtn"] = row["seconds"] / max(base["seconds"], 1e-9)
+    # ODLRI's k on one layer (the paper: k = 16 at r = 256 best, k = r worse)
+    b0, name0 = next(iter(data))
+    W, H, _ = data[(b0, name0)]
+    rank = max(8, round(0.1 * min(W.shape)) // 8 * 8)
+    for k in (1, 4, 8, 16, rank):
+        run(b0, name0, "odlri", 2, rank, 4, odlri_k=min(k, rank), **joint)
+    write_result("layers_quick" if args.quick else "layers", {"rows": rows, "meta": run_meta(args.seed),
+                                                               "settings": vars(args)})
+    print(f"done in {time.perf_counter() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
