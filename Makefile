@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-all quality bench-quick clean
+.PHONY: setup demo test test-fast quality bench-quick clean
 
 $(VENV)/.setup-stamp: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh

@@ -130,16 +130,16 @@ def odlri_init(W: Tensor, H: Tensor, rank: int, k: int, damp: float) -> tuple[Te
 
 def downdated_hessian(H: Tensor, LR: Tensor, rank: int, damp: float) -> Tensor:
     """H − M V Vᵀ Mᵀ for H = M Mᵀ (damped, n × n) and V (n × r) the top right singular vectors of LR M (m × n),
-    shifted to be positive definite and damped again (float64)."""
+    damped again (float64). In exact arithmetic the result is PSD (V Vᵀ ⪯ I), so no eigendecomposition is needed:
+    the renewed damping keeps it positive definite, and the GPTQ/LDLQ factorisation raises the damping further
+    should rounding ever make it fail."""
     Hd = damped(H, damp)
     M = torch.linalg.cholesky(Hd)
     _, _, Vh = torch.linalg.svd(LR.to(torch.float64) @ M, full_matrices=False)
     MV = M @ Vh[:rank].T
     Hq = Hd - MV @ MV.T
     Hq = (Hq + Hq.T) / 2
-    lam_min = float(torch.linalg.eigvalsh(Hq)[0])
-    shift = max(-lam_min, 0.0) + damp * float(torch.diagonal(Hd).mean())
-    return Hq + shift * torch.eye(Hq.shape[0], dtype=Hq.dtype, device=Hq.device)
+    return Hq + damp * float(torch.diagonal(Hd).mean()) * torch.eye(Hq.shape[0], dtype=Hq.dtype, device=Hq.device)
 
 
 def _ratios(W: Tensor, H: Tensor, Qd: Tensor, LR: Tensor) -> tuple[float, float]:
