@@ -142,8 +142,9 @@ def downdated_hessian(H: Tensor, LR: Tensor, rank: int, damp: float) -> Tensor:
     return Hq + damp * float(torch.diagonal(Hd).mean()) * torch.eye(Hq.shape[0], dtype=Hq.dtype, device=Hq.device)
 
 
-def _ratios(W: Tensor, H: Tensor, Qd: Tensor, LR: Tensor) -> tuple[float, float]:
-    return role_ratio(Qd, W, H), role_ratio(LR, W, H)
+def _ratios(total: float, H: Tensor, Qd: Tensor, LR: Tensor) -> tuple[float, float]:
+    """‖QX‖/‖WX‖ and ‖LRX‖/‖WX‖ given total = tr(W H Wᵀ)."""
+    return (weighted_sse(Qd, H) / total) ** 0.5, (weighted_sse(LR, H) / total) ** 0.5
 
 
 def joint_decompose(name: str, W: Tensor, H: Tensor, cfg: JointConfig) -> Decomposition:
@@ -208,7 +209,7 @@ def joint_decompose(name: str, W: Tensor, H: Tensor, cfg: JointConfig) -> Decomp
         LR = lr.L @ lr.R
         err = f(Qd, LR)
         history.append(err)
-        qr, lrr = _ratios(W, Hd, Qd, LR)
+        qr, lrr = _ratios(total, Hd, Qd, LR)
         diag["q_ratio"].append(qr)
         diag["lr_ratio"].append(lrr)
         diag["q_scale"].append(q.mean_scale())

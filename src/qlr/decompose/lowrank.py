@@ -77,9 +77,10 @@ def psd_solve(G: Tensor, B: Tensor, ridge: float = 1e-8) -> Tensor:
 
 
 def weighted_sse(E: Tensor, H: Tensor) -> float:
-    """tr(E H Eᵀ) (float64 accumulate) for E (m × n), H (n × n)."""
-    E64 = E.to(torch.float64)
-    return float(((E64 @ H.to(E.device, torch.float64)) * E64).sum())
+    """tr(E H Eᵀ) for E (m × n), H (n × n): a float32 GEMM (≈1e-6 relative error, 4× cheaper than float64 on a CPU)
+    with the final sum accumulated in float64. Used to monitor and compare iterates inside the joint loop."""
+    E32 = E.float()
+    return float(((E32 @ H.to(E.device, torch.float32)) * E32).sum(dtype=torch.float64))
 
 
 @dataclass
