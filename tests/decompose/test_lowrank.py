@@ -44,7 +44,8 @@ def test_rank_zero():
 def test_quantized_lowrank_keeps_best_and_is_close_to_exact(layer):
     D, H = layer["W"], layer["H"]
     wh = Whitener.from_hessian(H, 0.01)
-    exact = weighted_sse(D - torch.mul(*[1, 1]) * (lambda LR: LR[0] @ LR[1])(lowrank_fit(D, wh, 16)), wh.H)
+    L, R = lowrank_fit(D, wh, 16)
+    exact = weighted_sse(D - L @ R, wh.H)
     one = quantized_lowrank(D, wh, 16, QuantSpec(bits=4, group_size=32, clip_search=True), iters=1)
     many = quantized_lowrank(D, wh, 16, QuantSpec(bits=4, group_size=32, clip_search=True), iters=6)
     assert many.sse <= one.sse

@@ -127,6 +127,7 @@ def quantized_lowrank(D: Tensor, wh: Whitener, rank: int, spec: QuantSpec | None
 
         def qL(X: Tensor, G: Tensor) -> Any:
             return ldlq_vector(X, G, stages=2, damp=damp)
+
         if is_supported(rank):
             # L R = (L Pᵀ)(P R) with P = Had_r diag(s)/√r orthogonal: spreads the rank-1 terms' magnitudes
             s = (torch.randint(0, 2, (rank,), generator=torch.Generator().manual_seed(rank)) * 2 - 1).to(L)
