@@ -17,6 +17,7 @@ from qlr.nn import LatticeCodec, QLRLinear, codec_for
 from qlr.quant.e8p import LatticeQuantizedTensor, quantize_e8p
 from qlr.quant.grid import QuantSpec, quantize_rtn
 from qlr.quant.hadamard import Incoherence
+from tests.nn.test_qlinear import reference
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device")])]
@@ -44,11 +45,6 @@ def make_dec(m: int = 64, n: int = 96, r: int = 8, stages: int = 1, scale_bits: 
     else:
         L, R = L.half().float(), R.half().float()  # what fp16 storage keeps exactly
     return Decomposition("test", None, q, L, R, lq=lq, rq=rq, rotation=rot, shape=(m, n))
-
-
-def reference(dec: Decomposition, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    y = x.double() @ dec.reconstruct().double().T
-    return y if bias is None else y + bias.double()
 
 
 CASES = {

@@ -14,7 +14,6 @@ recomputing, and yields the same model as an uninterrupted run with the same see
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from ..decompose.base import decompose, make_config
 from ..io import replace_linear
 from ..models.registry import arch_spec, get_blocks
 from ..nn.qlinear import QLRLinear
+from ..quant.grid import QuantSpec
 from .hessian import HessianAccumulator
 
 __all__ = ["CompressionPlan", "capture_block_inputs", "compress_blocks", "resolve_rank", "budget_rank"]
@@ -50,14 +50,14 @@ def resolve_rank(rank: int | float, m: int, n: int) -> int:
 
 
 def budget_rank(budget: float, q_bpw: float, m: int, n: int, lr_bits: int, lr_group: int) -> int:
-    """The largest rank r whose L (m × r) and R (r × n) at ``lr_bits`` (group-wise, fp16 scale + zero per group, as
-    ``QuantSpec`` counts them; fp16 when ``lr_bits`` = 16) fit in ``budget − q_bpw`` bits per weight; 0 if none."""
+    """The largest rank r whose L (m × r) and R (r × n) at ``lr_bits`` (group-wise asymmetric, counted by
+    ``QuantSpec.storage_bits``; fp16 when ``lr_bits`` = 16) fit in ``budget − q_bpw`` bits per weight; 0 if none."""
+    spec = None if lr_bits >= 16 else QuantSpec(bits=lr_bits, group_size=lr_group)
 
     def lr_bits_total(r: int) -> int:
-        if lr_bits >= 16:
+        if spec is None:
             return 16 * r * (m + n)
-        per_group = 16 + lr_bits
-        return (m * r + r * n) * lr_bits + (m * math.ceil(r / lr_group) + r * math.ceil(n / lr_group)) * per_group
+        return spec.storage_bits(m, r) + spec.storage_bits(r, n)
 
     spare = (budget - q_bpw) * m * n
     best = 0

@@ -128,13 +128,13 @@ def odlri_init(W: Tensor, H: Tensor, rank: int, k: int, damp: float) -> tuple[Te
     return L0, R0, idx
 
 
-def downdated_hessian(H: Tensor, LR: Tensor, rank: int, damp: float) -> Tensor:
+def downdated_hessian(H: Tensor, LR: Tensor, rank: int, damp: float, chol: Tensor | None = None) -> Tensor:
     """H − M V Vᵀ Mᵀ for H = M Mᵀ (damped, n × n) and V (n × r) the top right singular vectors of LR M (m × n),
     damped again (float64). In exact arithmetic the result is PSD (V Vᵀ ⪯ I), so no eigendecomposition is needed:
     the renewed damping keeps it positive definite, and the GPTQ/LDLQ factorisation raises the damping further
-    should rounding ever make it fail."""
+    should rounding ever make it fail. ``chol`` is M when the caller already has it (it depends on H only)."""
     Hd = damped(H, damp)
-    M = torch.linalg.cholesky(Hd)
+    M = torch.linalg.cholesky(Hd) if chol is None else chol
     _, _, Vh = torch.linalg.svd(LR.to(torch.float64) @ M, full_matrices=False)
     MV = M @ Vh[:rank].T
     Hq = Hd - MV @ MV.T
@@ -165,9 +165,11 @@ def joint_decompose(name: str, W: Tensor, H: Tensor, cfg: JointConfig) -> Decomp
         W, Hd = W0, H0
     wh = Whitener.from_hessian(Hd, cfg.damp)
     hfac = Hd if cfg.q_quantizer == "e8p" else prepare_hessian(Hd, cfg.damp, cfg.act_order)
-    hfac_lr = prepare_hessian(Hd, cfg.damp) if (cfg.act_order or cfg.q_quantizer == "e8p") else hfac
-    lspec = lr_spec(cfg)
     lattice_lr = cfg.lr_quantizer == "e8p4"
+    # GPTQ factor of H in natural order for the scalar-grid R step (lattice L/R factorise H themselves)
+    needs_own = not lattice_lr and (cfg.act_order or cfg.q_quantizer == "e8p")
+    hfac_lr = prepare_hessian(Hd, cfg.damp) if needs_own else (None if lattice_lr else hfac)
+    lspec = lr_spec(cfg)
     total = weighted_sse(W, Hd)
 
     def f(Qd: Tensor, LR: Tensor) -> float:
@@ -198,10 +200,13 @@ def joint_decompose(name: str, W: Tensor, H: Tensor, cfg: JointConfig) -> Decomp
     history: list[float] = []
     best: tuple[float, Any, Any] | None = None
     since_best = 0
+    chol: Tensor | None = None  # Cholesky factor of the damped H for the downdate, computed once
     for _ in range(cfg.outer_iters):
         qH = hfac
         if cfg.hessian_downdate and bool(LR.any()):
-            Hq = downdated_hessian(Hd, LR, cfg.rank, cfg.damp)
+            if chol is None:
+                chol = torch.linalg.cholesky(damped(Hd, cfg.damp))
+            Hq = downdated_hessian(Hd, LR, cfg.rank, cfg.damp, chol)
             qH = Hq if cfg.q_quantizer == "e8p" else prepare_hessian(Hq, cfg.damp, cfg.act_order)
         q = quantize_q(W - LR, qH, cfg, cfg.q_quantizer)  # Q step
         Qd = q.dequantize()

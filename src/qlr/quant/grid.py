@@ -77,10 +77,14 @@ class QuantSpec:
     def group_len(self, n: int) -> int:
         return self.group_size or n
 
+    def storage_bits(self, m: int, n: int) -> int:
+        """Exact storage of an m × n matrix on this grid: codes plus one scale (and zero point) per (row, group)."""
+        per_group = self.scale_bits + (self.bits if self.has_zero else 0)
+        return m * n * self.bits + m * self.groups(n) * per_group
+
     def bits_per_weight(self, n: int) -> float:
         """All-in bits per weight for a row of ``n`` weights (codes + scale + zero)."""
-        per_group = self.scale_bits + (self.bits if self.has_zero else 0)
-        return self.bits + per_group * self.groups(n) / n
+        return self.storage_bits(1, n) / n
 
 
 @dataclass(frozen=True)
@@ -213,10 +217,7 @@ class QuantizedTensor:
     def storage_bits(self) -> int:
         """Exact storage in bits: codes, scales, zero points, and the permutation (ceil(log2 n) bits per index)."""
         m, n = self.codes.shape
-        groups = self.spec.groups(n)
-        total = m * n * self.spec.bits + m * groups * self.spec.scale_bits
-        if self.spec.has_zero:
-            total += m * groups * self.spec.bits
+        total = self.spec.storage_bits(m, n)
         if self.perm is not None:
             total += n * max(1, math.ceil(math.log2(n)))
         return total
