@@ -185,6 +185,21 @@ def test_hessian_downdate_removes_lr_directions(layer):
     assert weighted_energy(LR, Hq) < 0.05 * weighted_energy(LR, H)
 
 
+def test_hessian_downdate_removes_only_spanned_directions(layer):
+    """A rank-2 LR (e.g. an ODLRI start with k = 2 < r) removes two directions of H, not r arbitrary ones."""
+    from qlr.decompose.joint import downdated_hessian
+    from qlr.quant.gptq import damped
+
+    W, H = layer["W"], layer["H"]
+    LR = torch.zeros_like(W)
+    LR[:, :2] = W[:, :2]
+    Hd = damped(H, 0.01)
+    Hq = downdated_hessian(H, LR, 8, 0.01)
+    removed = Hd + 0.01 * float(torch.diagonal(Hd).mean()) * torch.eye(H.shape[0], dtype=Hd.dtype) - Hq
+    evals = torch.linalg.eigvalsh((removed + removed.T) / 2)
+    assert int((evals > 1e-8 * float(evals.max())).sum()) == 2
+
+
 def test_hessian_downdate_option(layer):
     W, H = layer["W"], layer["H"]
     on = qlr.decompose(W, H, "caldera", bits=2, rank=16, **FAST)

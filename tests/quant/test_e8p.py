@@ -63,8 +63,27 @@ def test_nearest_codeword_equals_brute_force(device: str, spread: float) -> None
     torch.testing.assert_close(d.gather(1, codes[:, None]).squeeze(1), d.min(-1).values)
 
 
+def test_coset_fast_path_agrees_with_full_scoring() -> None:
+    """The coset-rounding fast path plus scoring fallback finds codewords as near as scoring every row against all
+    patterns, and a typical input (unit RMS) exercises both paths (some rows round outside the codebook)."""
+    from qlr.quant.e8p import _nearest_by_scoring, _tables
+
+    t = _tables(torch.device("cpu"))
+    x = 1.1 * torch.randn(3000, 8, generator=torch.Generator().manual_seed(7))
+    z = torch.floor(x - 0.25) + 0.5
+    outside = (z.abs() > 2.5).any(-1) | ((z * z).sum(-1) > 12)
+    assert 0.02 < float(outside.float().mean()) < 0.9
+    best_dist = torch.full((3000,), float("inf"))
+    for shift in (0.25, -0.25):
+        b, neg = _nearest_by_scoring(x - shift, t)
+        a = t.grid[b]
+        best_dist = torch.minimum(best_dist, (x - shift - torch.where(neg, -a, a)).pow(2).sum(-1))
+    codes = e8p_encode(x)
+    torch.testing.assert_close((x - e8p_decode(codes)).pow(2).sum(-1), best_dist)
+
+
 def test_encode_keeps_leading_shape_and_chunks() -> None:
-    x = torch.randn(3, 2500, 8, generator=torch.Generator().manual_seed(1))  # > one chunk
+    x = torch.randn(3, 2500, 8, generator=torch.Generator().manual_seed(1))  # > one chunk (4096)
     codes = e8p_encode(x)
     assert codes.shape == (3, 2500)
     assert torch.equal(codes.reshape(-1), e8p_encode(x.reshape(-1, 8)))

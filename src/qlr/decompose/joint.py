@@ -129,14 +129,17 @@ def odlri_init(W: Tensor, H: Tensor, rank: int, k: int, damp: float) -> tuple[Te
 
 
 def downdated_hessian(H: Tensor, LR: Tensor, rank: int, damp: float, chol: Tensor | None = None) -> Tensor:
-    """H − M V Vᵀ Mᵀ for H = M Mᵀ (damped, n × n) and V (n × r) the top right singular vectors of LR M (m × n),
-    damped again (float64). In exact arithmetic the result is PSD (V Vᵀ ⪯ I), so no eigendecomposition is needed:
-    the renewed damping keeps it positive definite, and the GPTQ/LDLQ factorisation raises the damping further
-    should rounding ever make it fail. ``chol`` is M when the caller already has it (it depends on H only)."""
+    """H − M V Vᵀ Mᵀ for H = M Mᵀ (damped, n × n) and V (n × r') the top right singular vectors of LR M (m × n),
+    damped again (float64). r' ≤ r counts only the directions LR actually spans (singular values above 1e-6 of the
+    largest): a rank-k ODLRI start must not remove r − k arbitrary null-space directions from H. In exact
+    arithmetic the result is PSD (V Vᵀ ⪯ I), so no eigendecomposition is needed: the renewed damping keeps it
+    positive definite, and the GPTQ/LDLQ factorisation raises the damping further should rounding ever make it
+    fail. ``chol`` is M when the caller already has it (it depends on H only)."""
     Hd = damped(H, damp)
     M = torch.linalg.cholesky(Hd) if chol is None else chol
-    _, _, Vh = torch.linalg.svd(LR.to(torch.float64) @ M, full_matrices=False)
-    MV = M @ Vh[:rank].T
+    _, sig, Vh = torch.linalg.svd(LR.to(torch.float64) @ M, full_matrices=False)
+    keep = min(rank, int((sig > sig[0] * 1e-6).sum())) if sig.numel() and sig[0] > 0 else 0
+    MV = M @ Vh[:keep].T
     Hq = Hd - MV @ MV.T
     Hq = (Hq + Hq.T) / 2
     return Hq + damp * float(torch.diagonal(Hd).mean()) * torch.eye(Hq.shape[0], dtype=Hq.dtype, device=Hq.device)

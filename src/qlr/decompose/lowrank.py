@@ -22,7 +22,7 @@ from torch import Tensor
 from ..quant.gptq import HessianFactor, damped, gptq_quantize, prepare_hessian
 from ..quant.grid import QuantSpec
 from ..quant.hadamard import hadamard_transform, is_supported
-from ..quant.ldlq_vq import ldlq_vector
+from ..quant.ldlq_vq import feedback_matrix, ldlq_vector
 
 __all__ = ["Whitener", "lowrank_fit", "LowRankResult", "quantized_lowrank", "weighted_sse", "psd_solve"]
 
@@ -108,7 +108,8 @@ def quantized_lowrank(D: Tensor, wh: Whitener, rank: int, spec: QuantSpec | None
     With ``lattice=True`` L and R are coded with the two-stage E8P lattice (4 bits/weight, block LDLQ under the
     same Hessians) instead of ``spec``'s scalar grid; ``rank`` and n must then be multiples of 8. Before the first
     rounding the rank dimension is mixed by a random-sign Hadamard matrix when r allows it (L R = (L Pᵀ)(P R) for
-    orthogonal P), which evens out the factors' row/column magnitudes for a per-matrix lattice scale.
+    orthogonal P), which evens out the factors' row/column magnitudes for a per-matrix lattice scale. The lattice
+    scales are searched in the first round and then kept as the same multiples of each factor's RMS.
     Runs up to ``iters`` LPLR rounds, stopping early once a round improves the error by less than ``tol``
     (relative), and returns the best pair found (never worse than the first)."""
     H = wh.H.to(D.device)
@@ -122,11 +123,21 @@ def quantized_lowrank(D: Tensor, wh: Whitener, rank: int, spec: QuantSpec | None
         if rank % 8 or D.shape[1] % 8:
             raise ValueError(f"lattice-coded L/R need rank and n to be multiples of 8, got rank {rank}, n {D.shape[1]}")
 
+        UR = feedback_matrix(H, damp)  # R's Hessian is H in every round: factorise it once
+        rel: dict[str, list[float]] = {}  # per factor: its stage scales over its RMS, searched in the first round
+
+        def lattice(X: Tensor, G: Tensor | None, U: Tensor | None, which: str) -> Any:
+            rms = float(X.pow(2).mean().sqrt()) or 1.0
+            scale = [f * rms for f in rel[which]] if which in rel else None
+            q = ldlq_vector(X, G, stages=2, damp=damp, scale=scale, U=U)
+            rel.setdefault(which, [float(s) / rms for s in q.scales])
+            return q
+
         def qR(X: Tensor) -> Any:
-            return ldlq_vector(X, H, stages=2, damp=damp)
+            return lattice(X, None, UR, "R")
 
         def qL(X: Tensor, G: Tensor) -> Any:
-            return ldlq_vector(X, G, stages=2, damp=damp)
+            return lattice(X, G, None, "L")
 
         if is_supported(rank):
             # L R = (L Pᵀ)(P R) with P = Had_r diag(s)/√r orthogonal: spreads the rank-1 terms' magnitudes

@@ -12,9 +12,11 @@ The codebook holds 2^16 vectors of R^8, so one 16-bit code stores 8 weights (2 b
 Code layout (QuIP#'s, as an unsigned 16-bit integer): bits 15–8 the pattern index, bits 7–1 the signs of
 dimensions 1…7 (bit 8 − k set means dimension k is negative), bit 0 set for +1/4, clear for −1/4.
 
-Nearest-codeword search is exact without touching the 65,536 rows: for a shift t and y = x − t, every
-pattern ``a`` scores 2 a·|y| − ‖a‖², minus 4·min_i a_i |y_i| when the signs of y violate the pattern's parity
-(then the cheapest coordinate is flipped); the best of the 2 × 256 candidates is the nearest codeword.
+Nearest-codeword search is exact without touching the 65,536 rows. For a shift t and y = x − t, the nearest
+point of the whole coset (round to half-integers, fix the parity by moving the worst-rounded coordinate) is
+the answer whenever it is a codeword. Otherwise every pattern ``a`` is scored 2 a·|y| − ‖a‖², minus
+4·min_i a_i |y_i| when the signs of y violate the pattern's parity (then the cheapest coordinate is flipped),
+and the best pattern wins. The closer of the two shifts' answers is the nearest codeword.
 
 A quantized matrix is Ŵ = Σ_s scale_s · codeword(code_s) per 8-column block: one scale per stage for the whole
 matrix (suited to incoherence-processed weights, whose entries are roughly i.i.d.). Stage 2 ("e8p4") codes the
@@ -35,15 +37,14 @@ __all__ = ["E8P_DIM", "LatticeQuantizedTensor", "e8p_abs_grid", "e8p_codebook", 
            "e8p_round", "choose_scales", "quantize_e8p"]
 
 E8P_DIM = 8
-_CHUNK = 2048  # vectors per encode step; the largest temporary is (2·chunk × 8 × 149) float32 ≈ 20 MiB
+_CHUNK = 4096  # vectors per encode step; the largest temporary, when every row needs scoring, is
+# (2·chunk × 8 × 149) float32 ≈ 40 MiB
 # Positions of the three 1/2 entries of the 29 norm²-12 patterns (the rest are 3/2), in QuIP#'s order (its
 # later e8p12 list; an earlier version repeated (0, 4, 5) where this has (0, 1, 4)).
 _NORM12_HALVES = ((1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1, 2), (3, 6, 7), (3, 5, 7), (3, 4, 7), (3, 5, 6),
                   (3, 4, 6), (3, 4, 5), (2, 6, 7), (2, 5, 7), (2, 4, 7), (2, 5, 6), (2, 4, 6), (2, 4, 5),
                   (1, 6, 7), (1, 5, 7), (1, 4, 7), (1, 5, 6), (1, 4, 6), (0, 4, 5), (0, 6, 7), (0, 5, 7),
                   (0, 4, 7), (0, 5, 6), (0, 4, 6), (0, 1, 4), (2, 3, 7))
-# Scale search grid, as multiples of the RMS of what is coded (QuIP# uses a fixed ≈ 1 for unit-RMS weights).
-_SCALE_FACTORS = tuple(round(0.7 + 0.1 * i, 2) for i in range(9))
 _SCALE_SAMPLE = 2048
 
 
@@ -73,9 +74,8 @@ def e8p_abs_grid(device: torch.device | str = "cpu") -> Tensor:
     return _cached("abs", device, _abs_grid_cpu)
 
 
-def e8p_decode(codes: Tensor) -> Tensor:
-    """Codewords (…, 8) float32 for integer codes (…) holding the unsigned 16-bit pattern (int16 storage is
-    read as its bit pattern)."""
+def _decode_arith(codes: Tensor) -> Tensor:
+    """Codewords (…, 8) float32 for integer codes (…) in [0, 2^16), computed from the code's bit fields."""
     c = codes.to(torch.int64) & 0xFFFF
     a = e8p_abs_grid(c.device)[c >> 8]
     k = torch.arange(1, E8P_DIM, device=c.device)
@@ -88,60 +88,110 @@ def e8p_decode(codes: Tensor) -> Tensor:
 
 
 def e8p_codebook(device: torch.device | str = "cpu") -> Tensor:
-    """All 65,536 codewords (65536 × 8, float32; row c is code c) on ``device`` (cached). For tests and
-    inspection; encoding never uses it."""
-    return _cached("full", device, lambda: e8p_decode(torch.arange(1 << 16)))
+    """All 65,536 codewords (65536 × 8, float32, 2 MiB; row c is code c) on ``device`` (cached). Decoding is a
+    row lookup in it; encoding never scans it."""
+    return _cached("full", device, lambda: _decode_arith(torch.arange(1 << 16)))
 
 
-_GROUPS: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
+def e8p_decode(codes: Tensor) -> Tensor:
+    """Codewords (…, 8) float32 for integer codes (…) holding the unsigned 16-bit pattern (int16 storage is
+    read as its bit pattern)."""
+    return e8p_codebook(codes.device)[codes.to(torch.int64) & 0xFFFF]
 
 
-def _pattern_groups(device: torch.device) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
-    """The patterns (256 × 8) and, per pattern parity v (Σa mod 2), the triple
-    (indices (k,), 2·patternsᵀ (8 × k), ‖a‖² (k,))."""
-    grid = e8p_abs_grid(device)
+@dataclass(frozen=True)
+class _Tables:
+    """Per-device constants of the encoder."""
+
+    grid: Tensor  # (256, 8) absolute patterns
+    g2: Tensor  # (8, 256) 2·gridᵀ
+    gnorm: Tensor  # (256,) ‖a‖²
+    parity: Tensor  # (256,) Σa mod 2
+    lut: Tensor  # (4^8,) pattern index of |z| keyed by Σ 4^i (|z_i| − 1/2), |z_i| − 1/2 clamped to 3; −1 if none
+    powers: Tensor  # (8,) float32 4^i
+    sign_weights: Tensor  # (7,) float32 2^7 … 2^1: negative dims 1..7 -> code bits 7..1
+    flipper: Tensor  # (8, 8) variant i negates coordinate i
+    shifts: Tensor  # (2, 1, 1): −1/4 (code bit 0 set: the codeword is s + 1/4), +1/4
+
+
+_TABLES: dict[str, _Tables] = {}
+
+
+def _tables(device: torch.device) -> _Tables:
     key = str(device)
-    if key not in _GROUPS:
-        odd = grid.sum(-1).round().to(torch.int64) % 2
-        groups = []
-        for v in (0, 1):
-            idx = torch.nonzero(odd == v).squeeze(1)
-            g = grid[idx]
-            groups.append((idx, (2 * g).T.contiguous(), (g * g).sum(-1)))
-        _GROUPS[key] = groups
-    return grid, _GROUPS[key]
+    if key not in _TABLES:
+        grid = e8p_abs_grid(device)
+        powers = 4 ** torch.arange(E8P_DIM, device=device)
+        lut = torch.full((4 ** E8P_DIM,), -1, dtype=torch.int64, device=device)
+        lut[((grid - 0.5).round().to(torch.int64) * powers).sum(-1)] = torch.arange(256, device=device)
+        _TABLES[key] = _Tables(grid, (2 * grid).T.contiguous(), (grid * grid).sum(-1),
+                               grid.sum(-1).round().to(torch.int64) % 2, lut, powers.float(),
+                               (2 << torch.arange(E8P_DIM - 2, -1, -1, device=device)).float(),
+                               1 - 2 * torch.eye(E8P_DIM, device=device),
+                               torch.tensor([-0.25, 0.25], device=device).reshape(2, 1, 1))
+    return _TABLES[key]
 
 
-def _encode_chunk(x: Tensor, grid: Tensor, groups: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
-    """Codes (N,) of the nearest codewords to x (N, 8) (see the module docstring for the method)."""
-    n = x.shape[0]
-    # rows < n: the distance to s + 1/4 is that of x − 1/4 to s (code bit 0 = 1); rows ≥ n: s − 1/4
-    y = torch.cat([x - 0.25, x + 0.25])
+def _nearest_by_scoring(y: Tensor, t: _Tables) -> tuple[Tensor, Tensor]:
+    """Exact nearest unshifted codeword σ∘a to each row of y (N, 8) by scoring all 256 patterns (see the
+    module docstring). Returns (pattern index (N,), negative-sign mask (N, 8))."""
     ay, neg = y.abs(), y < 0
     parity = neg.sum(-1) % 2
-    flipper = 1 - 2 * torch.eye(E8P_DIM, device=x.device, dtype=x.dtype)  # variant i negates coordinate i
-    score = torch.empty(2 * n, device=x.device, dtype=x.dtype)
-    best = torch.empty(2 * n, device=x.device, dtype=torch.int64)
-    flip = torch.empty(2 * n, device=x.device, dtype=torch.bool)
-    for v in (0, 1):
-        rows = torch.nonzero(parity == v).squeeze(1)
-        if rows.numel() == 0:
-            continue
-        a = ay[rows]
-        idx_k, g2_k, gn_k = groups[v]  # patterns whose parity the signs of y already satisfy
-        idx_f, g2_f, gn_f = groups[1 - v]  # patterns that need one coordinate flipped
-        s_keep, j_keep = (a @ g2_k - gn_k).max(-1)  # 2 a·|y| − ‖a‖²
-        s_flip, j_flip = (((a[:, None, :] * flipper) @ g2_f).amax(1) - gn_f).max(-1)  # best single flip
-        use_flip = s_flip > s_keep
-        score[rows] = torch.maximum(s_keep, s_flip)
-        best[rows] = torch.where(use_flip, idx_f[j_flip], idx_k[j_keep])
-        flip[rows] = use_flip
-    dist = (y * y).sum(-1) - score
-    i = (ay * grid[best]).argmin(-1)  # the cheapest coordinate to flip
-    neg = neg ^ (torch.nn.functional.one_hot(i, E8P_DIM).bool() & flip[:, None])
-    weights = 1 << torch.arange(E8P_DIM - 2, -1, -1, device=x.device)  # dims 1..7 -> sign-field bits 6..0
-    code = (best << 8) | ((neg[:, 1:].to(torch.int64) * weights).sum(-1) << 1)
-    return torch.where(dist[:n] <= dist[n:], code[:n] | 1, code[n:])
+    keep = ay @ t.g2 - t.gnorm  # (N, 256): 2 a·|y| − ‖a‖², right when the signs of y satisfy the parity
+    flipped = ((ay[:, None, :] * t.flipper) @ t.g2).amax(1) - t.gnorm  # best single coordinate flipped
+    needs_flip = t.parity[None, :] != parity[:, None]
+    best = torch.where(needs_flip, flipped, keep).argmax(-1)
+    flip = needs_flip.gather(1, best[:, None])
+    i = (ay * t.grid[best]).argmin(-1, keepdim=True)  # the cheapest coordinate to flip
+    return best, neg ^ (torch.zeros_like(neg).scatter_(1, i, flip))
+
+
+def _encode_chunk(x: Tensor, t: _Tables) -> tuple[Tensor, Tensor]:
+    """Codes (N,) and codewords (N, 8) of the nearest codewords to x (N, 8).
+
+    For each shift ±1/4 the nearest unshifted codeword to y = x ∓ 1/4 is found exactly. Fast path: the nearest
+    point z of the whole coset {(Z + 1/2)^8, even coordinate sum}, by rounding every coordinate to the nearest
+    half-integer and, if the sum is odd, moving the worst-rounded coordinate to its other neighbour (Conway &
+    Sloane's decoder). When z is a codeword (‖z‖² ≤ 10, or one of the 29 norm-12 patterns) it is the nearest
+    one, since the codebook is a subset of the coset; only the other rows (typically 5–30 % at the MSE-best
+    scale) are scored against all patterns.
+    """
+    n = x.shape[0]
+    y = (x[None] + t.shifts).reshape(2 * n, E8P_DIM)  # rows < n: y = x − 1/4 (code bit 0 set); rows ≥ n: x + 1/4
+    fl = y.floor()  # z = fl + 1/2 rounds every coordinate to the nearest half-integer
+    d = y - fl - 0.5
+    odd = fl.sum(-1).remainder(2)  # Σz ≡ Σfl (mod 2): 1.0 when z is off the lattice
+    j = d.abs().argmax(-1, keepdim=True)
+    fl.scatter_add_(1, j, torch.copysign(odd[:, None], d.gather(1, j)))  # move the worst-rounded coordinate
+    neg = fl < 0
+    key = ((fl + 0.5).abs() - 0.5).clamp_(max=3) @ t.powers  # base-4 digits |z_i| − 1/2 ∈ {0, 1, 2, ≥3}
+    best = t.lut[key.long()]
+    cw = fl.add_(0.5)  # z, the unshifted codeword where best ≥ 0
+    bad = torch.nonzero(best < 0).squeeze(1)
+    if bad.numel():
+        b, ng = _nearest_by_scoring(y[bad], t)
+        a = t.grid[b]
+        best[bad], neg[bad], cw[bad] = b, ng, torch.where(ng, -a, a)
+    dist = (y - cw).pow(2).sum(-1)
+    code = (best << 8) + (neg[:, 1:].float() @ t.sign_weights).long()
+    first = dist[:n] <= dist[n:]
+    return (torch.where(first, code[:n] + 1, code[n:]),
+            torch.where(first[:, None], cw[:n] + 0.25, cw[n:] - 0.25))
+
+
+def _encode(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact nearest codewords to x (…, 8): (codes (…) int64, codewords (…, 8) float32)."""
+    if x.shape[-1] != E8P_DIM:
+        raise ValueError(f"E8P codes 8-dimensional vectors; got last dim {x.shape[-1]}")
+    flat = x.reshape(-1, E8P_DIM).float()
+    t = _tables(flat.device)
+    if flat.shape[0] == 0:
+        return (torch.empty(x.shape[:-1], dtype=torch.int64, device=flat.device),
+                torch.empty(x.shape, dtype=torch.float32, device=flat.device))
+    parts = [_encode_chunk(flat[i:i + _CHUNK], t) for i in range(0, flat.shape[0], _CHUNK)]
+    codes = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    words = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+    return codes.reshape(x.shape[:-1]), words.reshape(x.shape)
 
 
 def e8p_encode(x: Tensor) -> Tensor:
@@ -150,13 +200,7 @@ def e8p_encode(x: Tensor) -> Tensor:
     Minimises ‖x − codeword‖² over the whole codebook (ties broken arbitrarily); works in chunks of
     vectors so memory stays bounded.
     """
-    if x.shape[-1] != E8P_DIM:
-        raise ValueError(f"E8P codes 8-dimensional vectors; got last dim {x.shape[-1]}")
-    flat = x.reshape(-1, E8P_DIM).float()
-    grid, groups = _pattern_groups(flat.device)
-    out = [_encode_chunk(flat[i:i + _CHUNK], grid, groups) for i in range(0, flat.shape[0], _CHUNK)]
-    codes = torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=flat.device)
-    return codes.reshape(x.shape[:-1])
+    return _encode(x)[0]
 
 
 # ---- stages and scales ----------------------------------------------------------------------------
@@ -178,8 +222,8 @@ def e8p_round(x: Tensor, scales: float | Sequence[float] | Tensor) -> tuple[Tens
     xq = torch.zeros_like(r)
     codes = []
     for s in _as_scales(scales):
-        c = e8p_encode(r / s)
-        q = e8p_decode(c) * s
+        c, w = _encode(r / s)
+        q = w * s
         xq, r = xq + q, r - q
         codes.append(c)
     return xq, torch.stack(codes)
@@ -192,22 +236,36 @@ def _round_scale(s: float, scale_bits: int) -> float:
 
 
 def _search_scale(v: Tensor, scale_bits: int) -> float:
-    """The scale s = f · rms(v) minimising ‖v − s·Q(v/s)‖² over the 8-vectors v (N, 8): f on a 0.1 grid over
-    [0.7, 1.5], then the two midpoints around the best."""
+    """The scale s = f · rms(v) minimising ‖v − s·Q(v/s)‖² over the 8-vectors v (N, 8), f ∈ [0.6, 1.6] on a 0.05
+    grid: a local search that starts at f ∈ {0.9, 1.0, 1.1}, walks downhill in steps of 0.1 and then checks the
+    two midpoints around the best (each step codes all candidates in one batched encode)."""
     rms = float(v.pow(2).mean().sqrt())
     if rms == 0.0:
         return 1.0
     tried: dict[float, float] = {}
 
-    def err(f: float) -> float:
-        s = _round_scale(f * rms, scale_bits)
-        if s not in tried:
-            tried[s] = float((v - e8p_round(v, s)[0]).pow(2).sum())
-        return tried[s]
+    def evaluate(fs: Sequence[float]) -> None:
+        new = [f for f in fs if 0.6 - 1e-9 <= f <= 1.6 + 1e-9 and round(f, 2) not in tried]
+        if not new:
+            return
+        sc = torch.tensor([_round_scale(f * rms, scale_bits) for f in new], device=v.device)[:, None, None]
+        xs = v[None] / sc
+        _, w = _encode(xs)
+        errs = (v[None] - w * sc).pow(2).sum((1, 2))
+        tried.update({round(f, 2): float(e) for f, e in zip(new, errs, strict=True)})
 
-    best_f = min(_SCALE_FACTORS, key=err)
-    best_f = min((best_f - 0.05, best_f, best_f + 0.05), key=err)
-    return _round_scale(best_f * rms, scale_bits)
+    def best() -> float:
+        return min(tried, key=lambda f: (tried[f], f))
+
+    evaluate((0.9, 1.0, 1.1))
+    while True:
+        f = best()
+        evaluate((round(f - 0.1, 2), round(f + 0.1, 2)))
+        if best() == f:
+            break
+    f = best()
+    evaluate((round(f - 0.05, 2), round(f + 0.05, 2)))
+    return _round_scale(best() * rms, scale_bits)
 
 
 def choose_scales(W: Tensor, stages: int = 1, scale: float | Sequence[float] | None = None,
@@ -216,7 +274,7 @@ def choose_scales(W: Tensor, stages: int = 1, scale: float | Sequence[float] | N
 
     Given scales are kept (rounded to ``scale_bits``); missing ones are searched in stage order: stage s's
     scale minimises the squared error of plain (no-feedback) rounding of what stage s codes — W itself, then
-    the residual W − Ŵ_{<s} — over ``f · rms``, f ∈ [0.65, 1.55] in steps of 0.05 (coarse-to-fine), on a
+    the residual W − Ŵ_{<s} — over ``f · rms``, f ∈ [0.6, 1.6] on a 0.05 grid (local search from f ≈ 1), on a
     deterministic sample of 2,048 8-vectors.
     """
     if stages not in (1, 2):

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .e8p import E8P_DIM, LatticeQuantizedTensor, choose_scales, e8p_round
 
-__all__ = ["damp_hessian", "block_ldl", "ldlq_vector"]
+__all__ = ["damp_hessian", "block_ldl", "feedback_matrix", "ldlq_vector"]
 
 
 def damp_hessian(H: Tensor, damp: float = 0.01) -> Tensor:
@@ -55,9 +55,15 @@ def block_ldl(H: Tensor, block: int = E8P_DIM) -> tuple[Tensor, Tensor]:
     return L.flip(0, 1), D.flip(0).flip(1, 2)
 
 
-def ldlq_vector(W: Tensor, H: Tensor, *, stages: int = 1, damp: float = 0.01,
+def feedback_matrix(H: Tensor, damp: float = 0.01) -> Tensor:
+    """The float32 U (n × n) of the damped H's block LDL, which is all block LDLQ needs from H; compute it once
+    when the same H quantizes several matrices and pass it to :func:`ldlq_vector` as ``U``."""
+    return block_ldl(damp_hessian(H, damp))[0].to(torch.float32)
+
+
+def ldlq_vector(W: Tensor, H: Tensor | None, *, stages: int = 1, damp: float = 0.01,
                 scale: float | Sequence[float] | None = None, scale_bits: int = 16,
-                lazy_batch: int = 128) -> LatticeQuantizedTensor:
+                lazy_batch: int = 128, U: Tensor | None = None) -> LatticeQuantizedTensor:
     """Quantize W (m × n, n divisible by 8) to E8P codes with block LDLQ error feedback.
 
     Args:
@@ -70,6 +76,7 @@ def ldlq_vector(W: Tensor, H: Tensor, *, stages: int = 1, damp: float = 0.01,
             stage-1 residual), before any feedback. They stay fixed during the loop.
         scale_bits: storage width of each scale (16 or 32).
         lazy_batch: columns per lazy feedback batch (a multiple of 8).
+        U: :func:`feedback_matrix` of (H, damp), computed here when not given (then H may be None).
 
     Returns:
         A :class:`~qlr.quant.e8p.LatticeQuantizedTensor` (m × n) with ``meta["method"] = "ldlq-e8p"``.
@@ -78,13 +85,16 @@ def ldlq_vector(W: Tensor, H: Tensor, *, stages: int = 1, damp: float = 0.01,
     if n % E8P_DIM:
         raise ValueError(f"block LDLQ with E8P needs the number of columns to be a multiple of 8; "
                          f"W is {m} × {n}")
-    if H.shape != (n, n):
-        raise ValueError(f"H must be {n} × {n} to match W's {m} × {n}, got {tuple(H.shape)}")
+    if U is None and H is None:
+        raise ValueError("ldlq_vector needs H or its feedback matrix U")
+    if (U if U is not None else H).shape != (n, n):
+        what = "U" if U is not None else "H"
+        raise ValueError(f"{what} must be {n} × {n} to match W's {m} × {n}, "
+                         f"got {tuple((U if U is not None else H).shape)}")
     if lazy_batch <= 0 or lazy_batch % E8P_DIM:
         raise ValueError(f"lazy_batch must be a positive multiple of 8, got {lazy_batch}")
     W32 = W.to(torch.float32)
-    U, _ = block_ldl(damp_hessian(H.to(W.device), damp))
-    A = U.to(torch.float32)
+    A = (feedback_matrix(H.to(W.device), damp) if U is None else U).to(W.device, torch.float32)
     scales = choose_scales(W32, stages, scale, scale_bits)
 
     target = W32.clone()  # W_k + Σ_{j<k} E_j U_{jk}, completed block by block
