@@ -28,6 +28,8 @@ from qlr.models.loading import load_model  # noqa: E402
 
 # name: (method, bits, rank, budget, options). Group 64 everywhere unless stated; L/R 4-bit for joint methods.
 JOINT = dict(lr_bits=4)
+# the paper's setting: E8P lattice Q (2 bits/weight, block LDLQ) and two-stage E8P L/R (4 bits), Hadamard incoherence
+E8P = dict(lr_bits=4, q_quantizer="e8p", lr_quantizer="e8p4")
 CONFIGS: dict[str, tuple[str, int, int | float | None, float | None, dict]] = {
     "fp": ("fp", 16, None, None, {}),
     "rtn-2b": ("rtn", 2, None, None, {}),
@@ -40,6 +42,12 @@ CONFIGS: dict[str, tuple[str, int, int | float | None, float | None, dict]] = {
     "odlri-2b-bpw3.5": ("odlri", 2, None, 3.5, JOINT),
     "caldera-2b-r64": ("caldera", 2, 64, None, JOINT),
     "odlri-2b-r64": ("odlri", 2, 64, None, JOINT),
+    "caldera-e8p-bpw2.5": ("caldera", 2, None, 2.5, E8P),
+    "odlri-e8p-bpw2.5": ("odlri", 2, None, 2.5, E8P),
+    "caldera-e8p-bpw3.5": ("caldera", 2, None, 3.5, E8P),
+    "odlri-e8p-bpw3.5": ("odlri", 2, None, 3.5, E8P),
+    "caldera-e8p-r64": ("caldera", 2, 64, None, E8P),
+    "odlri-e8p-r64": ("odlri", 2, 64, None, E8P),
     "qera-exact-2b-bpw3.5": ("qera-exact", 2, None, 3.5, dict(lr_bits=4)),
     "lqer-2b-bpw3.5": ("lqer", 2, None, 3.5, dict(lr_bits=4)),
     "srr-2b-bpw3.5": ("srr", 2, None, 3.5, dict(lr_bits=4)),
