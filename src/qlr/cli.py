@@ -190,9 +190,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     rows.append({"model": "FP (dequantized GGUF)", "bpw": 16.0,
                  "ppl": perplexity(model, tok, text, seqlen=a.seqlen, max_windows=windows), "sec": 0.0})
     runs = [("RTN 2-bit g32", "rtn", dict(bits=2, group_size=32, rank=None, budget=None)),
-            ("ODLRI 2-bit g128 + 4-bit L/R, budget 2.5", "odlri",
-             dict(bits=2, group_size=128, rank=None, budget=2.5, lr_bits=4,
-                  outer_iters=2 if a.quick else 4, inner_iters=1 if a.quick else 2))]
+            ("ODLRI 2-bit E8P + 4-bit E8P L/R, budget 2.5", "odlri",  # the lattice default at 2 bits
+             dict(bits=2, rank=None, budget=2.5, lr_bits=4, outer_iters=1 if a.quick else 2,
+                  inner_iters=1 if a.quick else 2))]
     for label, method, kw in runs:
         model, tok = load_model(a.model)
         t = time.perf_counter()

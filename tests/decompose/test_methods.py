@@ -208,10 +208,30 @@ def test_hessian_downdate_option(layer):
     assert on.history != off.history  # the option changes the Q step
 
 
+def test_auto_quantizers_pick_the_lattice_at_2_bits(layer):
+    """The default ("auto") is the E8P lattice for Q and L/R at 2 bits when the shape allows it, else the scalar
+    grid; the resolved choice is what the decomposition records."""
+    from qlr.decompose.joint import JointConfig
+
+    cfg = JointConfig(bits=2, rank=64, lr_bits=4)
+    assert (cfg.q_quantizer, cfg.lr_quantizer) == ("auto", "auto")
+    r = cfg.resolve(576, 1536)
+    assert (r.q_quantizer, r.lr_quantizer, r.use_incoherence) == ("e8p", "e8p4", True)
+    assert cfg.resolve(576, 100).q_quantizer == "gptq"  # 100 columns: not a multiple of 8
+    assert cfg.resolve(576, 8 * 11).q_quantizer == "gptq"  # 88 = 8·11: no Hadamard matrix of that size
+    assert JointConfig(bits=3, rank=64).resolve(576, 576).q_quantizer == "gptq"
+    assert JointConfig(bits=2, rank=12, lr_bits=4).resolve(576, 576).lr_quantizer == "uniform"
+    assert JointConfig(bits=2, rank=64, lr_bits=16).resolve(576, 576).lr_quantizer == "uniform"
+    assert JointConfig(bits=2, rank=64, incoherence=False).resolve(576, 576).q_quantizer == "gptq"
+    W, H = layer["W"], layer["H"]
+    dec = qlr.decompose(W, H, "caldera", bits=2, rank=16, **FAST)
+    assert dec.config.q_quantizer == "e8p" and dec.config.lr_quantizer == "e8p4"
+
+
 def test_joint_methods_at_rank_zero_are_their_q_step(layer):
     W, H = layer["W"], layer["H"]
     for method in ("caldera", "odlri"):
-        dec = qlr.decompose(W, H, method, bits=2, rank=0, hessian_downdate=False)
+        dec = qlr.decompose(W, H, method, bits=2, rank=0, hessian_downdate=False, q_quantizer="gptq")
         assert dec.rank == 0 and len(dec.history) == 1
         gptq = qlr.decompose(W, H, "gptq", bits=2, clip_search=True)
         assert torch.equal(dec.Q, gptq.Q)

@@ -85,6 +85,8 @@ class CompressionPlan:
             return None  # Q-only methods
         if self.budget is not None:
             cfg = make_config(self.method, bits=self.bits, **{k: v for k, v in self.options.items()})
+            if hasattr(cfg, "resolve"):  # "auto" quantizers: what this shape gets (budget ranks are multiples of 8)
+                cfg = cfg.resolve(m, n)
             from ..decompose.common import q_spec
 
             lattice_q = getattr(cfg, "q_quantizer", "") == "e8p"

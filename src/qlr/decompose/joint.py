@@ -20,14 +20,14 @@ Q's mean group scale and the index of the best iterate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..quant.gptq import damped, prepare_hessian
-from ..quant.hadamard import Incoherence
+from ..quant.hadamard import Incoherence, is_supported
 from .base import Decomposition, MethodConfig
 from .common import lr_spec, package, q_spec, quantize_q
 from .lowrank import Whitener, quantized_lowrank, weighted_sse
@@ -46,9 +46,11 @@ class JointConfig(MethodConfig):
         inner_tol: stop the LPLR rounds early once one improves the error by less than this fraction.
         init: "zero" (L0R0 = 0, Q first), "svd" (LR first: activation-aware rank-r fit of W), "odlri".
         odlri_k: ODLRI's number of outlier input channels k (≤ rank).
-        q_quantizer: "gptq" (LDLQ feedback on the scalar grid, default), "rtn", or "e8p" (block LDLQ on QuIP#'s
-            E8P lattice, 2 bits/weight, one scale per matrix; ``bits`` must be 2).
-        lr_quantizer: "uniform" (group-wise scalar grid at ``lr_bits``, or fp16 when ``lr_bits`` = 16) or "e8p4"
+        q_quantizer: "auto" (default: "e8p" at 2 bits where the weight's shape allows it, else "gptq"), "gptq"
+            (LDLQ feedback on the scalar grid), "rtn", or "e8p" (block LDLQ on QuIP#'s E8P lattice, 2 bits/weight,
+            one scale per matrix; ``bits`` must be 2). See :meth:`resolve`.
+        lr_quantizer: "auto" (default: "e8p4" when Q is E8P, ``lr_bits`` is 4 and the rank a multiple of 8, else
+            "uniform"), "uniform" (group-wise scalar grid at ``lr_bits``, or fp16 when ``lr_bits`` = 16) or "e8p4"
             (two-stage E8P lattice, 4 bits/weight; ``lr_bits`` must be 4, rank a multiple of 8).
         incoherence: random-sign Hadamard rotation of W and H on both sides before decomposing (QuIP#/CALDERA);
             None = on exactly when a lattice quantizer is used. Dimensions must be 2^a·b for the supported b.
@@ -68,13 +70,29 @@ class JointConfig(MethodConfig):
     inner_tol: float = 1e-3
     init: str = "zero"
     odlri_k: int = 16
-    q_quantizer: str = "gptq"
-    lr_quantizer: str = "uniform"
+    q_quantizer: str = "auto"
+    lr_quantizer: str = "auto"
     incoherence: bool | None = None
     act_order: bool = False
     clip_search: bool = True
     patience: int = 3
     hessian_downdate: bool = True
+
+    def resolve(self, m: int, n: int) -> JointConfig:
+        """This config with "auto" quantizers made concrete for an m × n weight (out × in).
+
+        Q: the E8P lattice at 2 bits when the lattice can run on this shape (n a multiple of 8, both dimensions
+        of a Hadamard-supported size, incoherence not switched off), else the scalar grid with the GPTQ/LDLQ step.
+        L/R: two-stage E8P (4 bits) when Q is E8P, ``lr_bits`` is 4 and the rank a multiple of 8, else the scalar
+        grid. On SmolLM2 the lattice pair won at equal all-in bits/weight (benchmarks/README.md)."""
+        q, lr = self.q_quantizer, self.lr_quantizer
+        if q == "auto":
+            fits = n % 8 == 0 and is_supported(m) and is_supported(n) and self.incoherence is not False
+            q = "e8p" if self.bits == 2 and fits else "gptq"
+        if lr == "auto":
+            lr = "e8p4" if q == "e8p" and self.lr_bits == 4 and self.rank % 8 == 0 and n % 8 == 0 else "uniform"
+        return self if (q, lr) == (self.q_quantizer, self.lr_quantizer) else replace(self, q_quantizer=q,
+                                                                                      lr_quantizer=lr)
 
     @property
     def use_incoherence(self) -> bool:
@@ -88,12 +106,12 @@ class JointConfig(MethodConfig):
             q_spec(self)
         if self.init not in ("zero", "svd", "odlri"):
             raise ValueError(f"init must be 'zero', 'svd' or 'odlri', got {self.init!r}")
-        if self.q_quantizer not in ("gptq", "rtn", "e8p"):
-            raise ValueError(f"q_quantizer must be 'gptq', 'rtn' or 'e8p', got {self.q_quantizer!r}")
+        if self.q_quantizer not in ("auto", "gptq", "rtn", "e8p"):
+            raise ValueError(f"q_quantizer must be 'auto', 'gptq', 'rtn' or 'e8p', got {self.q_quantizer!r}")
         if self.q_quantizer == "e8p" and self.bits != 2:
             raise ValueError(f"q_quantizer='e8p' codes 2 bits/weight; got bits={self.bits}")
-        if self.lr_quantizer not in ("uniform", "e8p4"):
-            raise ValueError(f"lr_quantizer must be 'uniform' or 'e8p4', got {self.lr_quantizer!r}")
+        if self.lr_quantizer not in ("auto", "uniform", "e8p4"):
+            raise ValueError(f"lr_quantizer must be 'auto', 'uniform' or 'e8p4', got {self.lr_quantizer!r}")
         if self.lr_quantizer == "e8p4" and self.lr_bits != 4:
             raise ValueError(f"lr_quantizer='e8p4' codes 4 bits/weight; pass lr_bits=4 (got {self.lr_bits})")
         if self.lr_quantizer == "e8p4" and self.rank % 8:
@@ -155,6 +173,7 @@ def joint_decompose(name: str, W: Tensor, H: Tensor, cfg: JointConfig) -> Decomp
     W0 = W.float()
     dev = W0.device
     m, n = W0.shape
+    cfg = cfg.resolve(m, n)
     H0 = H.to(dev)
     rotation = None
     if cfg.use_incoherence:
