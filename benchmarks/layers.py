@@ -94,9 +94,11 @@ def main() -> None:
         kw = {} if method in ("rtn", "gptq") else dict(rank=rank, lr_bits=lr_bits)
         label = method
         sweep = bool(opts.pop("k_sweep", False))  # a row of the ODLRI k sweep, not of the main grid
-        if method.endswith("-e8p"):  # the lattice setting of caldera/odlri
+        if method.endswith("-e8p"):  # the lattice setting of caldera/odlri (their default at 2 bits)
             method = method.removesuffix("-e8p")
             opts = dict(opts, q_quantizer="e8p", lr_quantizer="e8p4" if lr_bits == 4 else "uniform")
+        elif method in ("caldera", "odlri"):  # the scalar grid: GPTQ/LDLQ Q step, group-wise L/R
+            opts = dict(opts, q_quantizer="gptq", lr_quantizer="uniform")
         dec = qlr.decompose(W, H, method, bits=bits, mean_abs=mean_abs, name=f"{b}.{name}", **kw, **opts)
         secs = time.perf_counter() - t
         W_hat = dec.Q + dec.L @ dec.R if dec.rank else dec.Q

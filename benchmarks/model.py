@@ -27,7 +27,7 @@ from qlr.eval.perplexity import perplexity  # noqa: E402
 from qlr.models.loading import load_model  # noqa: E402
 
 # name: (method, bits, rank, budget, options). Group 64 everywhere unless stated; L/R 4-bit for joint methods.
-JOINT = dict(lr_bits=4)
+JOINT = dict(lr_bits=4, q_quantizer="gptq", lr_quantizer="uniform")  # the scalar grid (int2 g64, GPTQ Q step)
 # the paper's setting: E8P lattice Q (2 bits/weight, block LDLQ) and two-stage E8P L/R (4 bits), Hadamard incoherence
 E8P = dict(lr_bits=4, q_quantizer="e8p", lr_quantizer="e8p4")
 CONFIGS: dict[str, tuple[str, int, int | float | None, float | None, dict]] = {

@@ -76,7 +76,8 @@ PEERS: dict[str, dict[str, Any]] = {
 
 # ---- the rows -------------------------------------------------------------------------------------------------
 E8P = dict(bits=2, rank=64, q_quantizer="e8p", lr_quantizer="e8p4", lr_bits=4, patience=0)  # the paper's setting
-SCALAR = dict(bits=2, group_size=64, rank=64, lr_bits=4, patience=0)  # our scalar grid (int2 g64, GPTQ Q step)
+SCALAR = dict(bits=2, group_size=64, rank=64, lr_bits=4, patience=0, q_quantizer="gptq",
+              lr_quantizer="uniform")  # our scalar grid (int2 g64, GPTQ Q step, group-wise L/R)
 JOINT_ITERS = dict(outer_iters=15, inner_iters=10)
 QUICK_ITERS = dict(outer_iters=4, inner_iters=3)
 SWEEP_ITERS = dict(outer_iters=6, inner_iters=5)  # odlri_k sweep: fewer iterations
