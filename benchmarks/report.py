@@ -53,8 +53,9 @@ scales, zeros, L and R at their precision, Hadamard sign vectors).
 
 
 # ---- loading --------------------------------------------------------------------------------------------------
-def load_synthetic() -> tuple[dict[str, Any] | None, str]:
-    for name in ("synthetic.json", "synthetic_quick.json"):
+def load_first(*names: str) -> tuple[dict[str, Any] | None, str]:
+    """The first of ``names`` (files in results/) that exists, parsed, and its name; (None, "") when none does."""
+    for name in names:
         path = RESULTS / name
         if path.exists():
             return json.loads(path.read_text()), name
@@ -438,14 +439,6 @@ def plot_layer_err(models: list[dict[str, Any]], path: Path) -> str | None:
 
 
 # ---- real layers (benchmarks/layers.py) -----------------------------------------------------------------------
-def load_layers() -> tuple[dict[str, Any] | None, str]:
-    for name in ("layers.json", "layers_quick.json"):
-        path = RESULTS / name
-        if path.exists():
-            return json.loads(path.read_text()), name
-    return None, ""
-
-
 def _layer_groups(data: dict[str, Any]) -> dict[tuple, list[dict[str, Any]]]:
     """Main-grid rows grouped by (bits, rank fraction, L/R bits, method)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -598,8 +591,8 @@ def plot_layers_joint(data: dict[str, Any], path: Path) -> str | None:
 # ---- main -----------------------------------------------------------------------------------------------------
 def main() -> None:
     PLOTS.mkdir(parents=True, exist_ok=True)
-    syn, syn_name = load_synthetic()
-    lay, lay_name = load_layers()
+    syn, syn_name = load_first("synthetic.json", "synthetic_quick.json")
+    lay, lay_name = load_first("layers.json", "layers_quick.json")
     models = read_results("model_")
     skipped: list[str] = []
     made: list[str] = []
