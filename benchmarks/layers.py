@@ -1,8 +1,9 @@
 """Real SmolLM2-135M layers: activation-aware error and time of every method, plus the ODLRI paper's analysis.
 
     python benchmarks/layers.py --quick      # one early block, three linears, a few settings (minutes)
-    python benchmarks/layers.py              # early, middle and late blocks, all 7 linears; bits 2 and 3; ranks
-                                             # 2, 5, 10 % of min(m, n); L/R at 16 and 4 bits
+    python benchmarks/layers.py              # early, middle and late blocks, all 7 linears; bits 2 and 3; rank 0
+                                             # (Q only), 5 and 10 % of min(m, n); L/R at 16 and 4 bits (~1 h)
+    python benchmarks/layers.py --resume     # continue a killed run from its finished linears
     python benchmarks/layers.py --outer-iters 15 --inner-iters 10   # the paper's iteration counts (hours here)
 
 H comes from the FP model on State of the Union calibration text (float64, per linear group). For each selected
@@ -12,11 +13,13 @@ named ``caldera-e8p``/``odlri-e8p``). Joint methods run ``--outer-iters`` × ``-
 3 × 3 to fit a 2-core CPU; the error history of every row is kept). Writes benchmarks/results/layers.json
 (``--quick``: layers_quick.json) with the run metadata. Timing ratios are against RTN on the same layer and bits in
 the same run. Every process runs one thread unless ``--threads`` says otherwise, so two runs can share two cores.
+Finished linears are saved to ``layers.partial.json`` as they complete; ``--resume`` skips them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qlr  # noqa: E402
-from common import run_meta, write_result  # noqa: E402
+from common import RESULTS, run_meta, write_result  # noqa: E402
 from qlr.calibration.hessian import HessianAccumulator  # noqa: E402
 from qlr.calibration.pipeline import _run_block, capture_block_inputs  # noqa: E402
 from qlr.data import calibration_batches, load_text  # noqa: E402
@@ -73,6 +76,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--outer-iters", type=int, default=3)
     p.add_argument("--inner-iters", type=int, default=3)
+    p.add_argument("--resume", action="store_true", help="skip the linears a killed run already finished")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     blocks = [0] if args.quick else [0, 15, 29]
@@ -80,13 +84,23 @@ def main() -> None:
                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                 "mlp.up_proj", "mlp.down_proj"])
     bits_list = [2] if args.quick else [2, 3]
-    fracs = [0.05] if args.quick else [0.02, 0.05, 0.1]
+    fracs = [0.05] if args.quick else [0.05, 0.1]
     lr_bits_list = [4] if args.quick else [16, 4]
     joint = dict(outer_iters=args.outer_iters, inner_iters=args.inner_iters, patience=0)
     t0 = time.perf_counter()
     data = collect_hessians(blocks, args.calib_samples, args.seqlen, args.seed)
     print(f"calibration: {time.perf_counter() - t0:.0f}s", flush=True)
-    rows = []
+    out_name = "layers_quick" if args.quick else "layers"
+    partial = RESULTS / f"{out_name}.partial.json"
+    rows: list[dict] = []
+    if args.resume and partial.exists():
+        saved = json.loads(partial.read_text())
+        if saved.get("settings", {}) | {"resume": args.resume} != vars(args):
+            sys.exit(f"--resume: {partial} was written with other settings {saved.get('settings')}; "
+                     "rerun with those, or without --resume to start over")
+        rows = saved["rows"]
+        print(f"resuming: {len({(r['block'], r['linear']) for r in rows})} linears done", flush=True)
+    done = {(r["block"], r["linear"]) for r in rows if not r["k_sweep"]}
 
     def run(b: int, name: str, method: str, bits: int, rank: int, lr_bits: int, frac: float = 0.0, **opts) -> dict:
         W, H, mean_abs = data[(b, name)]
@@ -115,7 +129,7 @@ def main() -> None:
         return row
 
     for (b, name) in data:
-        if name not in linears:
+        if name not in linears or (b, name) in done:
             continue
         m, n = data[(b, name)][0].shape
         for bits in bits_list:
@@ -132,6 +146,7 @@ def main() -> None:
             for row in rows:
                 if row["block"] == b and row["linear"] == name and row["bits"] == bits:
                     row["time_vs_rtn"] = row["seconds"] / max(base["seconds"], 1e-9)
+        write_result(partial.stem, {"rows": rows, "settings": vars(args)})  # this linear is finished
     # ODLRI's k on one layer (the paper: k = 16 at r = 256 best, k = r worse)
     b0, name0 = next(iter(data))
     W, H, _ = data[(b0, name0)]
@@ -139,8 +154,8 @@ def main() -> None:
     for k in (1, 4, 8, 16, rank):
         for method in ("odlri", "odlri-e8p"):
             run(b0, name0, method, 2, rank, 4, 0.1, odlri_k=min(k, rank), k_sweep=True, **joint)
-    write_result("layers_quick" if args.quick else "layers", {"rows": rows, "meta": run_meta(args.seed),
-                                                               "settings": vars(args)})
+    write_result(out_name, {"rows": rows, "meta": run_meta(args.seed), "settings": vars(args)})
+    partial.unlink(missing_ok=True)
     print(f"done in {time.perf_counter() - t0:.0f}s")
 
 

@@ -161,6 +161,23 @@ def test_lattice_joint_path(method, layer):
     assert err < gptq
 
 
+def test_odlri_domain_picks_channels_where_it_says(layer):
+    """Under incoherence, "input" ranks the model's own channels (the layer's outliers); "rotated" ranks the
+    channels of the rotated H, which the outliers no longer single out."""
+    W, H = layer["W"], layer["H"]
+    opts = dict(bits=2, rank=16, odlri_k=4, lr_bits=4, q_quantizer="e8p", lr_quantizer="e8p4", outer_iters=1,
+                inner_iters=1)
+    inp = qlr.decompose(W, H, "odlri", odlri_domain="input", **opts)
+    rot = qlr.decompose(W, H, "odlri", odlri_domain="rotated", **opts)
+    assert set(inp.diagnostics["odlri_channels"]) == set(layer["outliers"].tolist())
+    Hr = rot.rotation.rotate_hessian(H.to(torch.float64))
+    top = torch.topk(torch.diagonal(Hr), 4).indices
+    assert set(rot.diagnostics["odlri_channels"]) == set(top.tolist())
+    assert inp.history != rot.history
+    with pytest.raises(ValueError, match="odlri_domain"):
+        qlr.decompose(W, H, "odlri", odlri_domain="both", **opts)
+
+
 def test_lattice_options_are_validated(layer):
     W, H = layer["W"], layer["H"]
     with pytest.raises(ValueError, match="2 bits"):

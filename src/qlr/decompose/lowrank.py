@@ -155,7 +155,8 @@ def quantized_lowrank(D: Tensor, wh: Whitener, rank: int, spec: QuantSpec | None
     DH = D.float() @ H
     best: LowRankResult | None = None
     rq = qR(R)
-    for _ in range(max(1, iters)):
+    rounds = max(1, iters)
+    for it in range(rounds):
         Rhat = rq.dequantize()
         G = Rhat @ H @ Rhat.T
         Lstar = psd_solve(G, (DH @ Rhat.T).T).T
@@ -167,6 +168,8 @@ def quantized_lowrank(D: Tensor, wh: Whitener, rank: int, spec: QuantSpec | None
             best = LowRankResult(Lhat, Rhat, lq, rq, sse)
         if prev is not None and sse >= prev * (1 - tol):
             break  # no (or less than ``tol`` relative) progress: further rounds are not worth their cost
+        if it == rounds - 1:
+            break  # the last round: a new R would never be paired with an L
         # R given the quantized L: R* = (L̂ᵀL̂)⁻¹ L̂ᵀ D (H-independent for an unconstrained R)
         LtL = Lhat.T @ Lhat
         Rstar = psd_solve(LtL, Lhat.T @ D.float())

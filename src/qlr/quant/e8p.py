@@ -109,8 +109,9 @@ class _Tables:
     parity: Tensor  # (256,) Σa mod 2
     lut: Tensor  # (4^8,) pattern index of |z| keyed by Σ 4^i (|z_i| − 1/2), |z_i| − 1/2 clamped to 3; −1 if none
     powers: Tensor  # (8,) float32 4^i
-    sign_weights: Tensor  # (7,) float32 2^7 … 2^1: negative dims 1..7 -> code bits 7..1
-    flipper: Tensor  # (8, 8) variant i negates coordinate i
+    sign_weights: Tensor  # (8,) float32 0, 2^7 … 2^1: negative dims 1..7 -> code bits 7..1 (dim 0 is implied)
+    flipper: Tensor  # (9, 8) variant 0 keeps every coordinate, variant i ≥ 1 negates coordinate i − 1
+    mismatch: Tensor  # (2, 256) bool: row π says which patterns' parity differs from a sign parity π
     shifts: Tensor  # (2, 1, 1): −1/4 (code bit 0 set: the codeword is s + 1/4), +1/4
 
 
@@ -124,10 +125,12 @@ def _tables(device: torch.device) -> _Tables:
         powers = 4 ** torch.arange(E8P_DIM, device=device)
         lut = torch.full((4 ** E8P_DIM,), -1, dtype=torch.int64, device=device)
         lut[((grid - 0.5).round().to(torch.int64) * powers).sum(-1)] = torch.arange(256, device=device)
-        _TABLES[key] = _Tables(grid, (2 * grid).T.contiguous(), (grid * grid).sum(-1),
-                               grid.sum(-1).round().to(torch.int64) % 2, lut, powers.float(),
-                               (2 << torch.arange(E8P_DIM - 2, -1, -1, device=device)).float(),
-                               1 - 2 * torch.eye(E8P_DIM, device=device),
+        parity = grid.sum(-1).round().to(torch.int64) % 2
+        signs = torch.cat([torch.zeros(1, device=device), (2 << torch.arange(E8P_DIM - 2, -1, -1, device=device))])
+        flipper = torch.cat([torch.ones(1, E8P_DIM, device=device), 1 - 2 * torch.eye(E8P_DIM, device=device)])
+        mismatch = torch.stack([parity != 0, parity != 1])
+        _TABLES[key] = _Tables(grid, (2 * grid).T.contiguous(), (grid * grid).sum(-1), parity, lut, powers.float(),
+                               signs.float(), flipper, mismatch,
                                torch.tensor([-0.25, 0.25], device=device).reshape(2, 1, 1))
     return _TABLES[key]
 
@@ -136,11 +139,10 @@ def _nearest_by_scoring(y: Tensor, t: _Tables) -> tuple[Tensor, Tensor]:
     """Exact nearest unshifted codeword σ∘a to each row of y (N, 8) by scoring all 256 patterns (see the
     module docstring). Returns (pattern index (N,), negative-sign mask (N, 8))."""
     ay, neg = y.abs(), y < 0
-    parity = neg.sum(-1) % 2
-    keep = ay @ t.g2 - t.gnorm  # (N, 256): 2 a·|y| − ‖a‖², right when the signs of y satisfy the parity
-    flipped = ((ay[:, None, :] * t.flipper) @ t.g2).amax(1) - t.gnorm  # best single coordinate flipped
-    needs_flip = t.parity[None, :] != parity[:, None]
-    best = torch.where(needs_flip, flipped, keep).argmax(-1)
+    # one GEMM scores every pattern with y's own signs (variant 0) and with each single coordinate flipped
+    s = (ay[:, None, :] * t.flipper) @ t.g2  # (N, 9, 256): 2 a·(±|y|)
+    needs_flip = t.mismatch[neg.sum(-1) % 2]  # (N, 256): the signs of y violate the pattern's parity
+    best = torch.where(needs_flip, s[:, 1:].amax(1), s[:, 0]).sub_(t.gnorm).argmax(-1)
     flip = needs_flip.gather(1, best[:, None])
     i = (ay * t.grid[best]).argmin(-1, keepdim=True)  # the cheapest coordinate to flip
     return best, neg ^ (torch.zeros_like(neg).scatter_(1, i, flip))
@@ -153,30 +155,34 @@ def _encode_chunk(x: Tensor, t: _Tables) -> tuple[Tensor, Tensor]:
     point z of the whole coset {(Z + 1/2)^8, even coordinate sum}, by rounding every coordinate to the nearest
     half-integer and, if the sum is odd, moving the worst-rounded coordinate to its other neighbour (Conway &
     Sloane's decoder). When z is a codeword (‖z‖² ≤ 10, or one of the 29 norm-12 patterns) it is the nearest
-    one, since the codebook is a subset of the coset; only the other rows (typically 5–30 % at the MSE-best
-    scale) are scored against all patterns.
+    one, since the codebook is a subset of the coset. The other rows (typically 5–30 % at the MSE-best scale)
+    are scored against all patterns, except where the other shift already has a codeword no farther than z:
+    ‖y − z‖ bounds every codeword of this shift from below, so that shift cannot win.
     """
     n = x.shape[0]
     y = (x[None] + t.shifts).reshape(2 * n, E8P_DIM)  # rows < n: y = x − 1/4 (code bit 0 set); rows ≥ n: x + 1/4
     fl = y.floor()  # z = fl + 1/2 rounds every coordinate to the nearest half-integer
-    d = y - fl - 0.5
-    odd = fl.sum(-1).remainder(2)  # Σz ≡ Σfl (mod 2): 1.0 when z is off the lattice
+    d = (y - fl).sub_(0.5)
+    odd = fl.sum(-1).remainder_(2)  # Σz ≡ Σfl (mod 2): 1.0 when z is off the lattice
     j = d.abs().argmax(-1, keepdim=True)
     fl.scatter_add_(1, j, torch.copysign(odd[:, None], d.gather(1, j)))  # move the worst-rounded coordinate
-    neg = fl < 0
-    key = ((fl + 0.5).abs() - 0.5).clamp_(max=3) @ t.powers  # base-4 digits |z_i| − 1/2 ∈ {0, 1, 2, ≥3}
-    best = t.lut[key.long()]
-    cw = fl.add_(0.5)  # z, the unshifted codeword where best ≥ 0
-    bad = torch.nonzero(best < 0).squeeze(1)
+    z = fl.add_(0.5)  # the coset's nearest point; the unshifted codeword where best ≥ 0
+    best = t.lut[((z.abs() - 0.5).clamp_(max=3) @ t.powers).long()]  # base-4 digits |z_i| − 1/2 ∈ {0, 1, 2, ≥3}
+    dist = (y - z).pow_(2).sum(-1)  # exact where best ≥ 0, a lower bound elsewhere
+    ok = best >= 0
+    other_ok, other = ok.roll(n), dist.roll(n)  # the same x at the other shift
+    bad = torch.nonzero(~ok & ~(other_ok & (other <= dist))).squeeze(1)
+    dist.masked_fill_(~ok, float("inf"))
     if bad.numel():
-        b, ng = _nearest_by_scoring(y[bad], t)
+        yb = y[bad]
+        b, ng = _nearest_by_scoring(yb, t)
         a = t.grid[b]
-        best[bad], neg[bad], cw[bad] = b, ng, torch.where(ng, -a, a)
-    dist = (y - cw).pow(2).sum(-1)
-    code = (best << 8) + (neg[:, 1:].float() @ t.sign_weights).long()
+        w = torch.where(ng, -a, a)
+        best[bad], z[bad], dist[bad] = b, w, (yb - w).pow_(2).sum(-1)
+    code = (best << 8) + ((z < 0).float() @ t.sign_weights).long()
     first = dist[:n] <= dist[n:]
     return (torch.where(first, code[:n] + 1, code[n:]),
-            torch.where(first[:, None], cw[:n] + 0.25, cw[n:] - 0.25))
+            torch.where(first[:, None], z[:n] + 0.25, z[n:] - 0.25))
 
 
 def _encode(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -286,6 +292,8 @@ def choose_scales(W: Tensor, stages: int = 1, scale: float | Sequence[float] | N
         raise ValueError(f"got {len(given)} scales for {stages} stage(s)")
     if any(s <= 0 for s in given):
         raise ValueError(f"scales must be positive, got {given}")
+    if len(given) == stages:
+        return [_round_scale(g, scale_bits) for g in given]
     v = W.float().reshape(-1, E8P_DIM)
     if v.shape[0] > _SCALE_SAMPLE:
         v = v[torch.linspace(0, v.shape[0] - 1, _SCALE_SAMPLE, device=v.device).long()]
