@@ -48,6 +48,8 @@ CONFIGS: dict[str, tuple[str, int, int | float | None, float | None, dict]] = {
     "odlri-e8p-bpw3.5": ("odlri", 2, None, 3.5, E8P),
     "caldera-e8p-r64": ("caldera", 2, 64, None, E8P),
     "odlri-e8p-r64": ("odlri", 2, 64, None, E8P),
+    "odlri-e8p-bpw2.5-input": ("odlri", 2, None, 2.5, dict(E8P, odlri_domain="input")),
+    "odlri-e8p-r64-input": ("odlri", 2, 64, None, dict(E8P, odlri_domain="input")),
     "caldera-3b-bpw3.5": ("caldera", 3, None, 3.5, JOINT),
     "odlri-3b-bpw3.5": ("odlri", 3, None, 3.5, JOINT),
     "qera-exact-2b-bpw2.5": ("qera-exact", 2, None, 2.5, dict(lr_bits=4)),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,6 +24,22 @@ SAMPLE_TEXT = (
 def tiny_model() -> torch.nn.Module:
     """A fresh 2-layer ``LlamaForCausalLM`` (hidden 64, vocab 256, GQA 4/2 heads), eval mode, seed 0."""
     return tiny_llama(seed=0)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, tiny_model) -> Path:
+    """``tiny_model`` saved as a local Hugging Face directory with a byte-level BPE tokenizer (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # 256 tokens, no merges
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    path = tmp_path / "tiny-llama"
+    tiny_model.save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(path)
+    return path
 
 
 @pytest.fixture

@@ -6,15 +6,6 @@ from pathlib import Path
 import pytest
 
 from qlr.cli import main
-from tests.models.test_loading import _byte_level_tokenizer
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path, tiny_model) -> Path:
-    d = tmp_path / "tiny"
-    tiny_model.save_pretrained(d)
-    _byte_level_tokenizer().save_pretrained(d)
-    return d
 
 
 @pytest.fixture

@@ -44,7 +44,9 @@ def _rtn_decomposition(W: torch.Tensor, i: int) -> Decomposition:
     return Decomposition("rtn", None, q, L, R, lq=lq, rq=rq, rotation=rot, shape=(m, n), history=[0.01 * i])
 
 
-def tiny_compressed_llama() -> tuple[nn.Module, dict[str, float]]:
+def tiny_compressed_llama(decomposition=_rtn_decomposition) -> tuple[nn.Module, dict[str, float]]:
+    """A tiny tied-embedding Llama (with attention biases) whose 14 decoder linears are replaced by QLRLinear
+    modules built from ``decomposition(W, layer index)``; returns the model and each layer's recorded error."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True,
@@ -54,7 +56,7 @@ def tiny_compressed_llama() -> tuple[nn.Module, dict[str, float]]:
     act_err = {}
     for i, name in enumerate(names):
         lin = model.get_submodule(name)
-        dec = _rtn_decomposition(lin.weight.data, i)
+        dec = decomposition(lin.weight.data, i)
         io.replace_linear(model, name, QLRLinear.from_decomposition(dec, bias=lin.bias))
         act_err[name] = dec.history[-1]
     return model, act_err

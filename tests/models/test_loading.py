@@ -7,28 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from qlr.models import loading
 from qlr.models.loading import KNOWN_MODELS, load_model
-
-
-def _byte_level_tokenizer() -> PreTrainedTokenizerFast:
-    """A 256-token byte-level BPE tokenizer without merges, built offline."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend)
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path, tiny_model) -> Path:
-    path = tmp_path / "tiny-llama"
-    tiny_model.save_pretrained(path)
-    _byte_level_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_load_local_directory(model_dir: Path, tiny_model) -> None:

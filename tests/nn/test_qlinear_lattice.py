@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from qlr import io
 from qlr.decompose.base import Decomposition
@@ -171,17 +170,10 @@ def _lattice_decomposition(W: torch.Tensor, i: int) -> Decomposition:
 
 
 def test_checkpoint_save_load_inspect(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True,
-                                   max_position_embeddings=64, attention_bias=True)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    names = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and n.startswith("model.layers")]
-    for i, name in enumerate(names):
-        lin = model.get_submodule(name)
-        io.replace_linear(model, name, QLRLinear.from_decomposition(_lattice_decomposition(lin.weight.data, i),
-                                                                     bias=lin.bias))
+    from tests.test_io import tiny_compressed_llama
+
+    model, act_err = tiny_compressed_llama(_lattice_decomposition)
+    names = list(act_err)
     directory = io.save(model, tmp_path / "tiny", info={"method": "e8p", "bits": 2, "rank": 8})
     loaded = io.load(directory)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -87,10 +87,9 @@ def ldlq_vector(W: Tensor, H: Tensor | None, *, stages: int = 1, damp: float = 0
                          f"W is {m} × {n}")
     if U is None and H is None:
         raise ValueError("ldlq_vector needs H or its feedback matrix U")
-    if (U if U is not None else H).shape != (n, n):
-        what = "U" if U is not None else "H"
-        raise ValueError(f"{what} must be {n} × {n} to match W's {m} × {n}, "
-                         f"got {tuple((U if U is not None else H).shape)}")
+    what, given = ("U", U) if U is not None else ("H", H)
+    if given.shape != (n, n):
+        raise ValueError(f"{what} must be {n} × {n} to match W's {m} × {n}, got {tuple(given.shape)}")
     if lazy_batch <= 0 or lazy_batch % E8P_DIM:
         raise ValueError(f"lazy_batch must be a positive multiple of 8, got {lazy_batch}")
     W32 = W.to(torch.float32)
