@@ -82,6 +82,26 @@ def test_coset_fast_path_agrees_with_full_scoring() -> None:
     torch.testing.assert_close((x - e8p_decode(codes)).pow(2).sum(-1), best_dist)
 
 
+@pytest.mark.parametrize("spread", [0.3, 1.1, 3.0])
+def test_numpy_and_torch_encoders_agree(monkeypatch, spread: float) -> None:
+    """On CPU the encoder runs in NumPy; the PyTorch one (used on other devices) finds codewords exactly as near,
+    for one-stage codes, two-stage rounding of an LDLQ-sized block and a multi-chunk input."""
+    from qlr.quant import e8p
+
+    g = torch.Generator().manual_seed(3)
+    x = spread * torch.randn(5000, 8, generator=g)  # > one chunk
+    block = spread * torch.randn(64, 8, generator=g)
+    assert e8p._BACKEND["cpu"] == "numpy"
+    got = (e8p_encode(x), e8p_round(block, [0.9, 0.2]))
+    monkeypatch.setitem(e8p._BACKEND, "cpu", "torch")
+    want = (e8p_encode(x), e8p_round(block, [0.9, 0.2]))
+    dist = [(x - e8p_decode(c)).pow(2).sum(-1) for c in (got[0], want[0])]
+    torch.testing.assert_close(dist[0], dist[1])
+    assert float((got[0] != want[0]).float().mean()) < 1e-3  # codes differ only on exact ties
+    torch.testing.assert_close(got[1][0], want[1][0])
+    assert got[1][1].shape == want[1][1].shape == (2, 64)
+
+
 def test_encode_keeps_leading_shape_and_chunks() -> None:
     x = torch.randn(3, 2500, 8, generator=torch.Generator().manual_seed(1))  # > one chunk (4096)
     codes = e8p_encode(x)
