@@ -96,6 +96,15 @@ def test_odlri_k_is_capped_at_rank(layer):
     assert idx.numel() == 2
 
 
+def test_odlri_default_k_follows_the_papers_ratio(layer):
+    """k defaults to rank // 16 (the paper's k = 16 at r = 256), at least 1; an explicit k is used as given."""
+    W, H = layer["W"], layer["H"]
+    fast = dict(bits=2, outer_iters=1, inner_iters=1)
+    assert len(qlr.decompose(W, H, "odlri", rank=40, **fast).diagnostics["odlri_channels"]) == 2
+    assert len(qlr.decompose(W, H, "odlri", rank=8, **fast).diagnostics["odlri_channels"]) == 1
+    assert len(qlr.decompose(W, H, "odlri", rank=8, odlri_k=3, **fast).diagnostics["odlri_channels"]) == 3
+
+
 def test_role_ratios_follow_the_paper(layer):
     """Zero init: Q carries the weight (‖QX‖/‖WX‖ ≫ ‖LRX‖/‖WX‖); SVD-of-W init: LR carries it."""
     W, H = layer["W"], layer["H"]

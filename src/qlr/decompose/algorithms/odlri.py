@@ -13,7 +13,8 @@ from ..joint import JointConfig, joint_decompose
 @dataclass(frozen=True)
 class ODLRIConfig(JointConfig):
     """As :class:`JointConfig`, starting from ODLRI's L0R0 (``init="odlri"``) on the ``odlri_k`` input channels
-    with the largest diag(H) (paper's best: k = 16 at r = 256; k is capped at the rank)."""
+    with the largest diag(H) (default k = max(1, rank // 16): the paper's best ratio, k = 16 at r = 256; k is
+    capped at the rank)."""
 
     init: str = "odlri"
 
