@@ -4,6 +4,7 @@
     python benchmarks/layers.py              # early, middle and late blocks, all 7 linears; bits 2 and 3; rank 0
                                              # (Q only), 5 and 10 % of min(m, n); L/R at 16 and 4 bits (~1 h)
     python benchmarks/layers.py --resume     # continue a killed run from its finished linears
+    python benchmarks/layers.py --only odlri odlri-e8p   # rerun these methods' rows inside results/layers.json
     python benchmarks/layers.py --outer-iters 15 --inner-iters 10   # the paper's iteration counts (hours here)
 
 H comes from the FP model on State of the Union calibration text (float64, per linear group). For each selected
@@ -77,6 +78,8 @@ def main() -> None:
     p.add_argument("--outer-iters", type=int, default=3)
     p.add_argument("--inner-iters", type=int, default=3)
     p.add_argument("--resume", action="store_true", help="skip the linears a killed run already finished")
+    p.add_argument("--only", nargs="+", metavar="METHOD", help="rerun only these methods (e.g. after changing one) "
+                   "and replace their rows in the existing result file; the k sweep is kept")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     blocks = [0] if args.quick else [0, 15, 29]
@@ -101,6 +104,14 @@ def main() -> None:
         rows = saved["rows"]
         print(f"resuming: {len({(r['block'], r['linear']) for r in rows})} linears done", flush=True)
     done = {(r["block"], r["linear"]) for r in rows if not r["k_sweep"]}
+    previous: dict = {}
+    if args.only:
+        if not (RESULTS / f"{out_name}.json").exists():
+            sys.exit(f"--only replaces rows of results/{out_name}.json, which does not exist yet: run the whole grid")
+        previous = json.loads((RESULTS / f"{out_name}.json").read_text())
+        rows = [r for r in previous["rows"] if r["k_sweep"] or r["method"] not in args.only]
+        done = set()
+    wanted = (lambda method: method in args.only) if args.only else (lambda method: True)
 
     def run(b: int, name: str, method: str, bits: int, rank: int, lr_bits: int, frac: float = 0.0, **opts) -> dict:
         W, H, mean_abs = data[(b, name)]
@@ -133,28 +144,37 @@ def main() -> None:
             continue
         m, n = data[(b, name)][0].shape
         for bits in bits_list:
-            base = run(b, name, "rtn", bits, 0, 16)
-            run(b, name, "gptq", bits, 0, 16)
+            key = (b, name, "rtn", bits)
+            base = next((r for r in rows if (r["block"], r["linear"], r["method"], r["bits"]) == key), None)
+            base = base or run(b, name, "rtn", bits, 0, 16)
+            if wanted("gptq"):
+                run(b, name, "gptq", bits, 0, 16)
             for frac in fracs:
                 rank = max(8, round(frac * min(m, n)) // 8 * 8)
                 for lr_bits in lr_bits_list:
                     for method in ("lorc", "lqer", "qera-exact", "qera-approx", "srr", "loftq"):
-                        run(b, name, method, bits, rank, lr_bits, frac)
+                        if wanted(method):
+                            run(b, name, method, bits, rank, lr_bits, frac)
                     joint_methods = ("caldera", "odlri") + (("caldera-e8p", "odlri-e8p") if bits == 2 else ())
                     for method in joint_methods:
-                        run(b, name, method, bits, rank, lr_bits, frac, **joint)
+                        if wanted(method):
+                            run(b, name, method, bits, rank, lr_bits, frac, **joint)
             for row in rows:
                 if row["block"] == b and row["linear"] == name and row["bits"] == bits:
                     row["time_vs_rtn"] = row["seconds"] / max(base["seconds"], 1e-9)
         write_result(partial.stem, {"rows": rows, "settings": vars(args)})  # this linear is finished
-    # ODLRI's k on one layer (the paper: k = 16 at r = 256 best, k = r worse)
-    b0, name0 = next(iter(data))
-    W, H, _ = data[(b0, name0)]
-    rank = max(8, round(0.1 * min(W.shape)) // 8 * 8)
-    for k in (1, 4, 8, 16, rank):
-        for method in ("odlri", "odlri-e8p"):
-            run(b0, name0, method, 2, rank, 4, 0.1, odlri_k=min(k, rank), k_sweep=True, **joint)
-    write_result(out_name, {"rows": rows, "meta": run_meta(args.seed), "settings": vars(args)})
+    if not args.only:  # ODLRI's k on one layer (the paper: k = 16 at r = 256 best, k = r worse)
+        b0, name0 = next(iter(data))
+        W, H, _ = data[(b0, name0)]
+        rank = max(8, round(0.1 * min(W.shape)) // 8 * 8)
+        for k in (1, 4, 8, 16, rank):
+            for method in ("odlri", "odlri-e8p"):
+                run(b0, name0, method, 2, rank, 4, 0.1, odlri_k=min(k, rank), k_sweep=True, **joint)
+    result = {"rows": rows, "meta": run_meta(args.seed), "settings": vars(args)}
+    if args.only:  # the untouched rows keep the first run's metadata
+        result |= {"settings": previous["settings"], "meta_first_run": previous.get("meta"),
+                   "rerun": {"methods": args.only, "settings": vars(args)}}
+    write_result(out_name, result)
     partial.unlink(missing_ok=True)
     print(f"done in {time.perf_counter() - t0:.0f}s")
 
