@@ -204,54 +204,74 @@ def _plt():
 def _place_labels(fig, ax, labels: list[tuple[str, float, float]]) -> None:
     """Annotate points without overlapping labels: each label takes the first of a few offsets around its point
     whose box clears the labels placed before it (greedy, in display coordinates)."""
-    offsets = [(8, 4), (8, -12), (8, 14), (8, -22), (-8, 4), (-8, -12), (8, 24), (-8, 14), (8, -32), (8, 34)]
+    offsets = [(8, 4), (8, -12), (8, 14), (8, -22), (-8, 4), (-8, -12), (8, 24), (-8, 14), (8, -32), (8, 34),
+               (-8, -24), (-8, 26), (8, -44), (8, 46), (-8, -36), (-8, 38), (8, -56), (8, 58), (-8, -48),
+               (-8, 50), (8, -68), (8, 70), (-8, -60), (-8, 62)]
     leader = dict(arrowstyle="-", lw=0.5, color="0.4", shrinkA=0, shrinkB=3)
     renderer = fig.canvas.get_renderer()
     placed = []
     for text, x, y in sorted(labels, key=lambda t: (t[1], t[2])):
+        least: tuple[int, tuple[int, int]] | None = None  # fewest overlaps seen, should every offset collide
         for dx, dy in offsets:
             ann = ax.annotate(text, (x, y), fontsize=7, xytext=(dx, dy), textcoords="offset points",
                               ha="left" if dx > 0 else "right", va="center", arrowprops=leader)
             box = ann.get_window_extent(renderer).expanded(1.05, 1.15)
-            if not any(box.overlaps(b) for b in placed):
+            hits = sum(box.overlaps(b) for b in placed)
+            if not hits:
                 break
+            least = min(least or (hits, (dx, dy)), (hits, (dx, dy)))
             ann.remove()
         else:
-            ann = ax.annotate(text, (x, y), fontsize=7, xytext=offsets[0], textcoords="offset points",
-                              va="center", arrowprops=leader)
+            dx, dy = least[1] if least else offsets[0]
+            ann = ax.annotate(text, (x, y), fontsize=7, xytext=(dx, dy), textcoords="offset points",
+                              ha="left" if dx > 0 else "right", va="center", arrowprops=leader)
             box = ann.get_window_extent(renderer)
         placed.append(box)
 
 
 def plot_ppl_vs_bpw(models: list[dict[str, Any]], path: Path) -> str | None:
+    """Perplexity vs all-in bits/weight: every run on a log scale (left, labels on the far-off runs) and the
+    competitive runs, perplexity ≤ 6× FP, on a linear scale with every label (right); the Pareto front on both."""
     pts = [m for m in models if m.get("method") != "fp" and m.get("perplexity")]
     if not pts:
         return "no compressed-model results (model_*.json other than fp)"
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, (ax, zx) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1, 1.4]})
     fp = next((m for m in models if m.get("method") == "fp"), None)
-    if fp:
-        ax.axhline(fp["perplexity"], color="black", ls="--", lw=1, label=f"FP16 ({fp['perplexity']:.1f})")
-    seen: set[str] = set()
-    for m in pts:
-        meth = m["method"]
-        ax.scatter(m["bits_per_weight"], m["perplexity"], marker=MARKERS.get(meth, "o"),
-                   color=COLORS.get(meth, "k"), s=60, zorder=3, label=None if meth in seen else meth)
-        seen.add(meth)
+    zoom = 6 * fp["perplexity"] if fp else 300.0
+    near = [m for m in pts if m["perplexity"] <= zoom]
     front, best = [], math.inf
     for m in sorted(pts, key=lambda m: m["bits_per_weight"]):
         if m["perplexity"] < best:
             best = m["perplexity"]
             front.append(m)
-    if len(front) > 1:
-        ax.step([m["bits_per_weight"] for m in front], [m["perplexity"] for m in front], where="post",
-                color="tab:red", alpha=0.4, lw=2, label="Pareto front")
+    for a, group in ((ax, pts), (zx, near)):
+        if fp:
+            a.axhline(fp["perplexity"], color="black", ls="--", lw=1, label=f"FP16 ({fp['perplexity']:.1f})")
+        seen: set[str] = set()
+        for m in group:
+            meth = m["method"]
+            a.scatter(m["bits_per_weight"], m["perplexity"], marker=MARKERS.get(meth, "o"),
+                      color=COLORS.get(meth, "k"), s=50, zorder=3, label=None if meth in seen else meth)
+            seen.add(meth)
+        shown = [m for m in front if m in group]
+        if len(shown) > 1:
+            a.step([m["bits_per_weight"] for m in shown], [m["perplexity"] for m in shown], where="post",
+                   color="tab:red", alpha=0.4, lw=2, label="Pareto front")
+        a.set_xlabel("all-in bits per weight")
     ax.set_yscale("log")
-    _place_labels(fig, ax, [(m["name"], m["bits_per_weight"], m["perplexity"]) for m in pts])
-    ax.set_xlabel("all-in bits per weight")
+    ax.axhline(zoom, color="0.5", lw=0.8, ls=":")
     ax.set_ylabel("perplexity (Moby-Dick, log scale)")
-    ax.set_title("SmolLM2-135M: perplexity vs bits/weight")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title("every run (right: below the dotted line)")
+    ax.legend(fontsize=7, loc="upper right")
+    _place_labels(fig, ax, [(m["name"], m["bits_per_weight"], m["perplexity"]) for m in pts if m not in near])
+    xs = [m["bits_per_weight"] for m in near] or [2.0, 4.0]
+    zx.set_xlim(min(xs) - 0.25, max(xs) + 0.35)  # room for the labels on both sides
+    zx.set_ylabel("perplexity (Moby-Dick)")
+    zx.set_title(f"runs within {zoom / fp['perplexity']:.0f}× FP" if fp else "competitive runs")
+    zx.legend(fontsize=7, loc="upper right")
+    _place_labels(fig, zx, [(m["name"], m["bits_per_weight"], m["perplexity"]) for m in near])
+    fig.suptitle("SmolLM2-135M: perplexity vs all-in bits/weight", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
