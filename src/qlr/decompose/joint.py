@@ -223,17 +223,16 @@ def joint_decompose(name: str, W: Tensor, H: Tensor, cfg: JointConfig) -> Decomp
         lr = lr_step(W)
         LR = lr.L @ lr.R
     elif cfg.init == "odlri":
-        if rotation is not None and cfg.odlri_domain == "rotated":  # the rotated channels the quantizers see
-            L0, R0, idx = odlri_init(W, Hd, cfg.rank, k, cfg.damp)
-            LR = L0 @ R0
-            diag["init_lr_ratio"] = role_ratio(LR, W, Hd)
-        else:  # the model's own channels (a rotation spreads their outliers), then L0R0 is rotated
-            L0, R0, idx = odlri_init(W0, H0, cfg.rank, k, cfg.damp)
-            LR = L0 @ R0
-            diag["init_lr_ratio"] = role_ratio(LR, W0, H0)
-            if rotation is not None:
-                LR = rotation.rotate_weight(LR)
+        # "rotated": the channels the quantizers see; "input": the model's own (a rotation spreads their
+        # outliers), with L0R0 rotated afterwards. Without a rotation the two are the same.
+        in_rotated = rotation is None or cfg.odlri_domain == "rotated"
+        Wk, Hk = (W, Hd) if in_rotated else (W0, H0)
+        L0, R0, idx = odlri_init(Wk, Hk, cfg.rank, k, cfg.damp)
+        LR = L0 @ R0
+        diag["init_lr_ratio"] = role_ratio(LR, Wk, Hk)
         diag["odlri_channels"] = idx.tolist()
+        if not in_rotated:
+            LR = rotation.rotate_weight(LR)
     history: list[float] = []
     best: tuple[float, Any, Any] | None = None
     since_best = 0

@@ -38,8 +38,8 @@ __all__ = ["E8P_DIM", "LatticeQuantizedTensor", "e8p_abs_grid", "e8p_codebook", 
            "e8p_round", "choose_scales", "quantize_e8p"]
 
 E8P_DIM = 8
-_CHUNK = 4096  # vectors per encode step; the largest temporary, when every row needs scoring, is
-# (2·chunk × 8 × 149) float32 ≈ 40 MiB
+_CHUNK = 4096  # vectors per encode step; the largest temporary, when every row needs scoring, is the
+# (2·chunk × 9 × 256) float32 score array ≈ 75 MiB
 # Positions of the three 1/2 entries of the 29 norm²-12 patterns (the rest are 3/2), in QuIP#'s order (its
 # later e8p12 list; an earlier version repeated (0, 4, 5) where this has (0, 1, 4)).
 _NORM12_HALVES = ((1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1, 2), (3, 6, 7), (3, 5, 7), (3, 4, 7), (3, 5, 6),
@@ -107,7 +107,6 @@ class _Tables:
     grid: Tensor  # (256, 8) absolute patterns
     g2: Tensor  # (8, 256) 2·gridᵀ
     gnorm: Tensor  # (256,) ‖a‖²
-    parity: Tensor  # (256,) Σa mod 2
     lut: Tensor  # (4^8,) pattern index of |z| keyed by Σ 4^i (|z_i| − 1/2), |z_i| − 1/2 clamped to 3; −1 if none
     powers: Tensor  # (8,) float32 4^i
     sign_weights: Tensor  # (8,) float32 0, 2^7 … 2^1: negative dims 1..7 -> code bits 7..1 (dim 0 is implied)
@@ -130,7 +129,7 @@ def _tables(device: torch.device) -> _Tables:
         signs = torch.cat([torch.zeros(1, device=device), (2 << torch.arange(E8P_DIM - 2, -1, -1, device=device))])
         flipper = torch.cat([torch.ones(1, E8P_DIM, device=device), 1 - 2 * torch.eye(E8P_DIM, device=device)])
         mismatch = torch.stack([parity != 0, parity != 1])
-        _TABLES[key] = _Tables(grid, (2 * grid).T.contiguous(), (grid * grid).sum(-1), parity, lut, powers.float(),
+        _TABLES[key] = _Tables(grid, (2 * grid).T.contiguous(), (grid * grid).sum(-1), lut, powers.float(),
                                signs.float(), flipper, mismatch,
                                torch.tensor([-0.25, 0.25], device=device).reshape(2, 1, 1))
     return _TABLES[key]
@@ -252,11 +251,11 @@ def _encode_chunk_np(x: np.ndarray, t: _NpTables) -> tuple[np.ndarray, np.ndarra
             np.where(first[:, None], z[:n] + np.float32(0.25), z[n:] - np.float32(0.25)))
 
 
+_BACKEND = {"cpu": "numpy"}  # "torch" runs the PyTorch encoder on CPU too (tests compare the two)
+
+
 def _use_numpy(x: Tensor) -> bool:
     return x.device.type == "cpu" and _BACKEND["cpu"] == "numpy"
-
-
-_BACKEND = {"cpu": "numpy"}  # "torch" runs the PyTorch encoder on CPU too (tests compare the two)
 
 
 def _encode(x: Tensor) -> tuple[Tensor, Tensor]:
