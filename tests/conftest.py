@@ -79,3 +79,18 @@ def layer() -> dict:
 @pytest.fixture(scope="session")
 def wide_layer() -> dict:
     return llm_like(m=64, n=256, seed=1)
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test through qlr's compiled CPU kernels and through the pure-torch reference (``QLR_KERNELS=torch``);
+    fails when the kernels did not build here (CI has a compiler)."""
+    from qlr.kernels import cpu
+
+    if request.param == "torch":
+        monkeypatch.setenv("QLR_KERNELS", "torch")
+    else:
+        monkeypatch.delenv("QLR_KERNELS", raising=False)
+        if not cpu.available():
+            pytest.fail(f"compiled kernels did not build: {cpu.build_error()}")
+    return request.param

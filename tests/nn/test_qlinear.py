@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qlr.decompose.base import Decomposition
+from qlr.kernels import ops
 from qlr.nn import QLRLinear
 from qlr.quant.grid import QuantizedTensor, QuantSpec, quantize_rtn
 from qlr.quant.hadamard import Incoherence
@@ -66,17 +67,21 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("lead", [(1,), (3,), (17,), (2, 256)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_forward_matches_dense(case: str, bias: bool) -> None:
+def test_forward_matches_dense(case: str, bias: bool, lead: tuple[int, ...], kernels: str,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch sizes 1, 3, 17 (fused GEMV / BLAS) and 512 (BLAS over several tiles of Q, the last one partial)."""
+    monkeypatch.setattr(ops, "TILE_ELEMS", 40 * 160)
+    monkeypatch.setattr(ops.reference, "TILE_ROWS", 40)
     dec = make_dec(**CASES[case])
     m, n = dec.L_s.shape[0], dec.R_s.shape[1]
     b = torch.randn(m) if bias else None
     mod = QLRLinear.from_decomposition(dec, bias=b)
-    mod.tile_rows = 40  # several tiles, the last one partial
-    x = torch.randn(2, 3, n)
+    x = torch.randn(*lead, n)
     y = mod(x)
-    assert y.shape == (2, 3, m) and y.dtype == torch.float32
+    assert y.shape == (*lead, m) and y.dtype == torch.float32
     ref = reference(dec, x, b)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(mod.dequantize_weight(), dec.reconstruct(), rtol=1e-6, atol=1e-5)

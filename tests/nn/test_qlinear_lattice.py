@@ -12,6 +12,7 @@ import torch
 
 from qlr import io
 from qlr.decompose.base import Decomposition
+from qlr.kernels import ops
 from qlr.nn import LatticeCodec, QLRLinear, codec_for
 from qlr.quant.e8p import LatticeQuantizedTensor, quantize_e8p
 from qlr.quant.grid import QuantSpec, quantize_rtn
@@ -59,18 +60,22 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("lead", [(1,), (3,), (17,), (2, 256)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_forward_matches_dense(case: str, bias: bool) -> None:
+def test_forward_matches_dense(case: str, bias: bool, lead: tuple[int, ...], kernels: str,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch sizes 1, 3, 17 (fused GEMV / BLAS) and 512 (BLAS over several tiles of Q, the last one partial)."""
+    monkeypatch.setattr(ops, "TILE_ELEMS", 24 * 128)
+    monkeypatch.setattr(ops.reference, "TILE_ROWS", 24)
     dec = make_dec(**CASES[case])
     m, n = dec.shape
     b = torch.randn(m) if bias else None
     mod = QLRLinear.from_decomposition(dec, bias=b)
     assert mod.meta["q"]["codec"] == "e8p"
-    mod.tile_rows = 24  # several tiles, the last one partial
-    x = torch.randn(2, 3, n)
+    x = torch.randn(*lead, n)
     y = mod(x)
-    assert y.shape == (2, 3, m) and y.dtype == torch.float32
+    assert y.shape == (*lead, m) and y.dtype == torch.float32
     torch.testing.assert_close(y.double(), reference(dec, x, b), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(mod.dequantize_weight().double(), dec.reconstruct().double(), rtol=1e-5, atol=1e-5)
 

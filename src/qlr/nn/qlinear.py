@@ -5,9 +5,11 @@ For an m × n (out × in) weight the module computes
     y = x Qᵀ + (x Rᵀ) Lᵀ + b                                  (no rotation)
     y = untransform_out( x̃ Q_sᵀ + (x̃ R_sᵀ) L_sᵀ ) + b,  x̃ = transform_in(x)   (incoherence rotation)
 
-without ever forming L R, and dequantizing Q a tile of output rows at a time (``tile_rows``), so no dense float W
-is stored. Every tensor is a registered buffer (so ``state_dict`` and safetensors hold it); everything else
-(shapes, bits, group sizes, formats) is plain metadata returned by :meth:`QLRLinear.qlr_meta`, from which
+without ever forming L R or a dense float Q: each factor is multiplied straight from its codes by the
+:mod:`qlr.kernels` custom ops (fused decode + GEMV for a few rows of x, decoded tiles + BLAS for many, the fast
+Walsh–Hadamard transform for the rotation; a pure-torch reference where no compiled kernel applies). Every tensor
+is a registered buffer (so ``state_dict`` and safetensors hold it); everything else (shapes, bits, group sizes,
+formats) is plain metadata returned by :meth:`QLRLinear.qlr_meta`, from which
 :meth:`QLRLinear.from_meta` rebuilds an empty module with the right buffer shapes.
 
 Each factor (Q, L, R) is stored by a *codec*, picked by a list of codecs where the first that accepts the object
@@ -37,7 +39,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from qlr.quant.e8p import E8P_DIM, LatticeQuantizedTensor, e8p_codebook
+from qlr.kernels import ops, reference
+from qlr.quant.e8p import E8P_DIM, LatticeQuantizedTensor
 from qlr.quant.grid import QuantizedTensor, QuantSpec, nf_levels
 from qlr.quant.packing import MAX_BITS, pack, unpack
 
@@ -71,6 +74,11 @@ class Codec(Protocol):
 
     def decoder(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> RowDecoder:
         """A function ``(start, stop) -> float32 rows [start, stop) × n`` in stored column order."""
+        ...
+
+    def matmul(self, x: Tensor, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Tensor:
+        """``x @ Fᵀ`` for x (B, n) in stored column order → (B, m) in x's dtype, straight from the buffers (a
+        :mod:`qlr.kernels` op; never a dense float F held whole)."""
         ...
 
     def column_perm(self, bufs: Mapping[str, Tensor]) -> Tensor | None:
@@ -155,38 +163,20 @@ class GridCodec:
             bufs["perm"] = torch.empty(n, dtype=torch.int16 if n < 2**15 else torch.int32, device=device)
         return bufs
 
-    def decoder(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> RowDecoder:
+    def _args(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> tuple:
+        """(zero, levels, bits, n, group_len, zero_const) as :mod:`qlr.kernels` takes them."""
         spec = self.spec(meta)
-        m, n = meta["shape"]
-        codes, scale = bufs["codes"], bufs["scale"]
-        device = codes.device
-        scale = torch.exp2(scale.float()) if spec.scale_bits == 8 else scale.float()
-        glen = spec.group_len(n)
-        gidx = torch.arange(n, device=device) // glen
+        n = meta["shape"][1]
+        levels = nf_levels(spec.bits, bufs["codes"].device) if spec.fmt == "nf" else None
+        zero = bufs["zero"] if meta["zero"] in ("packed", "fp16") else None
+        return zero, levels, spec.bits, n, spec.group_len(n), float((spec.maxq + 1) // 2)
 
-        def expand(t: Tensor) -> Tensor:  # (rows, groups) → (rows, n), or a broadcastable view when it tiles n
-            return t[:, :, None] if n % glen == 0 else t[:, gidx]
-        if meta["zero"] == "packed":
-            zero: Tensor | float = unpack(bufs["zero"], spec.bits, m * scale.shape[1]).float().reshape(m, -1)
-        elif meta["zero"] == "fp16":
-            zero = bufs["zero"].float()
-        else:
-            zero = float((spec.maxq + 1) // 2)
-        levels = nf_levels(spec.bits, device) if spec.fmt == "nf" else None
+    def decoder(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> RowDecoder:
+        codes, scale, args = bufs["codes"], bufs["scale"], self._args(bufs, meta)
+        return lambda start, stop: reference.grid_decode(codes, scale, *args, start, stop)
 
-        def rows(start: int, stop: int) -> Tensor:
-            c = unpack(codes[start:stop], spec.bits, n)
-            if n % glen == 0:
-                c = c.reshape(c.shape[0], n // glen, glen)
-            s = expand(scale[start:stop])
-            if levels is not None:
-                out = levels[c.long()] * s
-            else:
-                z = expand(zero[start:stop]) if isinstance(zero, Tensor) else zero
-                out = (c.float() - z) * s
-            return out.reshape(stop - start, n) if stop > start else out.reshape(0, n)
-
-        return rows
+    def matmul(self, x: Tensor, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Tensor:
+        return ops.grid_mm(x, bufs["codes"], bufs["scale"], *self._args(bufs, meta))
 
     def column_perm(self, bufs: Mapping[str, Tensor]) -> Tensor | None:
         return bufs.get("perm")
@@ -240,19 +230,11 @@ class LatticeCodec:
                 "scale": torch.empty(stages, dtype=self._scale_dtypes[meta["scale_bits"]], device=device)}
 
     def decoder(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> RowDecoder:
-        n = meta["shape"][1]
-        codes = bufs["codes"]
-        scale = bufs["scale"].float()
-        book = e8p_codebook(codes.device)  # 65536 × 8 float32, cached per device; row c is e8p_decode(c)
+        codes, scale = bufs["codes"], bufs["scale"]
+        return lambda start, stop: reference.e8p_decode(codes, scale, start, stop)
 
-        def rows(start: int, stop: int) -> Tensor:
-            idx = codes[:, start:stop].to(torch.int64) & 0xFFFF  # int16 bit pattern → unsigned code
-            out = torch.zeros(stop - start, n, dtype=torch.float32, device=codes.device)
-            for s in range(codes.shape[0]):  # same order and float32 arithmetic as LatticeQuantizedTensor
-                out += scale[s] * book[idx[s]].reshape(stop - start, n)
-            return out
-
-        return rows
+    def matmul(self, x: Tensor, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Tensor:
+        return ops.e8p_mm(x, bufs["codes"], bufs["scale"])
 
     def column_perm(self, bufs: Mapping[str, Tensor]) -> Tensor | None:
         return None
@@ -279,6 +261,9 @@ class DenseCodec:
 
     def decoder(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> RowDecoder:
         return lambda start, stop: bufs["dense"][start:stop].float()
+
+    def matmul(self, x: Tensor, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Tensor:
+        return x @ bufs["dense"].to(x.dtype).T
 
     def column_perm(self, bufs: Mapping[str, Tensor]) -> Tensor | None:
         return None
@@ -320,10 +305,7 @@ class QLRLinear(nn.Module):
         in_features, out_features, rank: n, m and r.
         meta: per-factor codec metadata (``meta["q"]``, ``meta["l"]``, ``meta["r"]``; ``None`` when absent),
             ``meta["rotation"]`` ({"seed": int} or None) and ``meta["bias"]`` (dtype name or None).
-        tile_rows: output rows of Q dequantized at a time in :meth:`forward`.
     """
-
-    tile_rows: int = 2048
 
     def __init__(self, meta: Mapping[str, Any], buffers: Mapping[str, Tensor] | None = None,
                  device: torch.device | str = "cpu") -> None:
@@ -423,18 +405,35 @@ class QLRLinear(nn.Module):
         rows = self.meta[f]["shape"][0]
         return self._decoder(f)(0, rows)
 
+    def _signs(self) -> tuple[Tensor, Tensor]:
+        """The rotation's (signs_out (m,), signs_in (n,)) as ±1 float32, unpacked once and cached until a sign
+        buffer is replaced or written in place."""
+        key = tuple((t.data_ptr(), t._version, t.device) for t in (self.signs_out, self.signs_in))
+        cached = self.__dict__.get("_sign_cache")
+        if cached is None or cached[0] != key:
+            signs = tuple(unpack(s, 1, k).float() * 2 - 1
+                          for s, k in ((self.signs_out, self.out_features), (self.signs_in, self.in_features)))
+            cached = self.__dict__["_sign_cache"] = (key, signs)
+        return cached[1]
+
     def _rotation(self) -> Any:
         if self.meta["rotation"] is None:
             return None
         from qlr.quant.hadamard import Incoherence
 
-        signs = [unpack(s, 1, k).float() * 2 - 1
-                 for s, k in ((self.signs_out, self.out_features), (self.signs_in, self.in_features))]
-        return Incoherence(signs[0], signs[1], self.meta["rotation"]["seed"])
+        s_out, s_in = self._signs()
+        return Incoherence(s_out, s_in, self.meta["rotation"]["seed"])
+
+    def _matmul(self, f: str, x: Tensor) -> Tensor:
+        return codec_for(name=self.meta[f]["codec"]).matmul(x, self._bufs(f), self.meta[f])
 
     # ---- compute -----------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        """x (…, in_features) → (…, out_features) in x's dtype, on x's device (the module's device)."""
+        """x (…, in_features) → (…, out_features) in x's dtype, on x's device (the module's device).
+
+        Runs the :mod:`qlr.kernels` ops: the Hadamard rotation of x (when stored rotated), ``x Qᵀ`` straight from
+        Q's codes, ``(x Rᵀ) Lᵀ`` through L's and R's codecs, the rotation back and the bias. Differentiable with
+        respect to x (the ops have autograd formulas); the stored codes are constants."""
         n, m = self.in_features, self.out_features
         if x.shape[-1] != n:
             raise ValueError(f"QLRLinear expects inputs with last dim {n}, got shape {tuple(x.shape)}")
@@ -442,23 +441,20 @@ class QLRLinear(nn.Module):
             raise TypeError(f"QLRLinear expects a floating-point input, got {x.dtype}")
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, n)
-        rot = self._rotation()
-        if rot is not None:
-            x2 = rot.input_transform(x2)
+        rotated = self.meta["rotation"] is not None
+        if rotated:
+            s_out, s_in = self._signs()
+            x2 = ops.hadamard(x2, s_in, None, False)
         if self.meta["q"] is not None:
-            rows = self._decoder("q")
             perm = codec_for(name=self.meta["q"]["codec"]).column_perm(self._bufs("q"))
-            xq = x2 if perm is None else x2.index_select(-1, perm.long())
-            y = torch.empty(x2.shape[0], m, dtype=dtype, device=x.device)
-            for r0 in range(0, m, self.tile_rows):
-                r1 = min(m, r0 + self.tile_rows)
-                y[:, r0:r1] = xq @ rows(r0, r1).to(dtype).T
+            xq = x2 if perm is None else x2.index_select(-1, perm.to(torch.int64))
+            y = self._matmul("q", xq)
         else:
             y = torch.zeros(x2.shape[0], m, dtype=dtype, device=x.device)
         if self.rank > 0:
-            y = y + (x2 @ self._dense("r").to(dtype).T) @ self._dense("l").to(dtype).T
-        if rot is not None:
-            y = rot.output_untransform(y)
+            y = y + self._matmul("l", self._matmul("r", x2))
+        if rotated:
+            y = ops.hadamard(y, None, s_out, True)
         if self.meta["bias"] is not None:
             y = y + self.bias.to(dtype)
         return y.reshape(*lead, m)

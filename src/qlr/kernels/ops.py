@@ -1,0 +1,184 @@
+"""qlr's forward kernels as ``torch.library`` custom ops (so ``torch.compile`` and CUDA graphs see them).
+
+* ``torch.ops.qlr.grid_mm(x, codes, scale, zero, levels, bits, n, group_len, zero_const)`` — x @ Fᵀ for a
+  scalar-grid factor F (uniform int or NormalFloat, group-wise, any width 1–8 bits);
+* ``torch.ops.qlr.e8p_mm(x, codes, scale)`` — x @ Fᵀ for an E8P lattice factor (one or two stages);
+* ``torch.ops.qlr.hadamard(x, pre, post, transpose)`` — (Had_n (x ∘ pre) / √n) ∘ post, the randomized Hadamard
+  rotation of activations (O(n log n) butterflies plus the small dense H_b factor).
+
+Arguments follow :mod:`qlr.kernels.reference`; ``x`` is (B, n) in float32, float16 or bfloat16 and results come back
+in x's dtype. On CPU with the compiled kernels (:mod:`qlr.kernels.cpu`): up to ``GEMV_MAX_BATCH`` rows run the fused
+decode + GEMV straight from the packed codes (float32 accumulation); more rows decode tiles of F into a reused
+float32 buffer and call BLAS. Elsewhere (CUDA, no compiler, ``QLR_KERNELS=torch``) the pure-torch reference runs.
+No dense float F is ever held whole.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+from torch import Tensor
+
+from qlr.kernels import cpu, reference
+from qlr.quant.hadamard import _base_on, _factor
+
+__all__ = ["grid_mm", "e8p_mm", "hadamard", "use_compiled", "TILE_ELEMS"]
+
+TILE_ELEMS = 1 << 20
+"""Float32 elements of the decoded tile the CPU large-batch path multiplies with BLAS (4 MiB)."""
+
+_lib = torch.library.Library("qlr", "DEF")
+_lib.define("grid_mm(Tensor x, Tensor codes, Tensor scale, Tensor? zero, Tensor? levels, int bits, int n, "
+            "int group_len, float zero_const) -> Tensor")
+_lib.define("e8p_mm(Tensor x, Tensor codes, Tensor scale) -> Tensor")
+_lib.define("hadamard(Tensor x, Tensor? pre, Tensor? post, bool transpose) -> Tensor")
+
+_local = threading.local()
+
+
+def use_compiled(x: Tensor) -> bool:
+    """Whether ``x`` (an activation) goes through the compiled CPU kernels."""
+    return x.device.type == "cpu" and cpu.lib() is not None
+
+
+def _scratch(numel: int) -> Tensor:
+    """A per-thread float32 buffer of at least ``numel`` elements, reused across calls (no page faults per call)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=torch.float32)
+        _local.buf = buf
+    return buf[:numel]
+
+
+def _tiled(x: Tensor, m: int, n: int, decode) -> Tensor:  # noqa: ANN001 - decode(r0, r1, out) fills out
+    rows = max(1, min(m, TILE_ELEMS // max(n, 1)))
+    buf = _scratch(rows * n)
+    y = torch.empty(x.shape[0], m, dtype=x.dtype)
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        tile = buf[: (r1 - r0) * n].view(r1 - r0, n)
+        decode(r0, r1, tile)
+        y[:, r0:r1] = x @ (tile if x.dtype == torch.float32 else tile.to(x.dtype)).T
+    return y
+
+
+def _small(x: Tensor, m: int, gemv) -> Tensor:  # noqa: ANN001 - gemv(xf, out)
+    xf = x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous()
+    out = torch.empty(x.shape[0], m, dtype=torch.float32)
+    gemv(xf, out)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+_SCALE_KIND = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
+
+
+def _grid_args(scale: Tensor, zero: Tensor | None, levels: Tensor | None) -> tuple:
+    zero_kind = 0 if zero is None else (1 if zero.dtype == torch.int32 else 2)
+    lv = None if levels is None else levels.float().contiguous()
+    return _SCALE_KIND[scale.dtype], zero_kind, lv
+
+
+def _grid_mm_cpu(x: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None, levels: Tensor | None, bits: int,
+                 n: int, group_len: int, zero_const: float) -> Tensor:
+    if not use_compiled(x) or scale.dtype not in _SCALE_KIND:
+        return reference.grid_mm(x, codes, scale, zero, levels, bits, n, group_len, zero_const)
+    codes, scale = codes.contiguous(), scale.contiguous()
+    zero = None if zero is None else zero.contiguous()
+    sk, zk, lv = _grid_args(scale, zero, levels)
+    m, glen = codes.shape[0], group_len or n
+    if x.shape[0] <= cpu.GEMV_MAX_BATCH:
+        return _small(x, m, lambda xf, out: cpu.grid_gemv(xf, codes, scale, sk, zero, zk, zero_const, lv, bits, n,
+                                                          glen, out))
+    return _tiled(x, m, n, lambda r0, r1, out: cpu.grid_decode(codes, scale, sk, zero, zk, zero_const, lv, bits, n,
+                                                               glen, r0, r1, out))
+
+
+def _e8p_mm_cpu(x: Tensor, codes: Tensor, scale: Tensor) -> Tensor:
+    if not use_compiled(x):
+        return reference.e8p_mm(x, codes, scale)
+    codes, sc = codes.contiguous(), scale.float().contiguous()
+    m, n = codes.shape[1], codes.shape[2] * 8
+    if x.shape[0] <= cpu.GEMV_MAX_BATCH:
+        return _small(x, m, lambda xf, out: cpu.e8p_gemv(xf, codes, sc, out))
+    return _tiled(x, m, n, lambda r0, r1, out: cpu.e8p_decode(codes, sc, r0, r1, out))
+
+
+def _hadamard_cpu(x: Tensor, pre: Tensor | None, post: Tensor | None, transpose: bool) -> Tensor:
+    if not use_compiled(x):
+        return reference.hadamard(x, pre, post, transpose)
+    n = x.shape[-1]
+    b, _ = _factor(n)
+    Hb = None
+    if b > 1:
+        Hb = _base_on(b, torch.float32, torch.device("cpu"))
+        Hb = Hb.T.contiguous() if transpose else Hb.contiguous()
+    y = x.to(torch.float32, copy=True).contiguous()
+    pre = None if pre is None else pre.float().contiguous()
+    post = None if post is None else post.float().contiguous()
+    cpu.hadamard(y, b, Hb, pre, post, 1.0 / math.sqrt(n))
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+_lib.impl("grid_mm", _grid_mm_cpu, "CPU")
+_lib.impl("e8p_mm", _e8p_mm_cpu, "CPU")
+_lib.impl("hadamard", _hadamard_cpu, "CPU")
+# every other device: the reference (CUDA kernels plug in here)
+_lib.impl("grid_mm", reference.grid_mm, "CompositeExplicitAutograd")
+_lib.impl("e8p_mm", reference.e8p_mm, "CompositeExplicitAutograd")
+_lib.impl("hadamard", reference.hadamard, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("qlr::grid_mm")
+def _grid_mm_fake(x, codes, scale, zero, levels, bits, n, group_len, zero_const):  # noqa: ANN001, ANN202
+    return x.new_empty(x.shape[0], codes.shape[0])
+
+
+@torch.library.register_fake("qlr::e8p_mm")
+def _e8p_mm_fake(x, codes, scale):  # noqa: ANN001, ANN202
+    return x.new_empty(x.shape[0], codes.shape[1])
+
+
+@torch.library.register_fake("qlr::hadamard")
+def _hadamard_fake(x, pre, post, transpose):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
+
+
+# ---- autograd: gradients flow to x only (codes, scales and signs are stored constants) -------------------------
+def _save_inputs(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.args = inputs[1:]
+
+
+def _grid_mm_backward(ctx, grad):  # noqa: ANN001, ANN202
+    return (reference.grid_mm_t(grad, *ctx.args),) + (None,) * len(ctx.args)
+
+
+def _e8p_mm_backward(ctx, grad):  # noqa: ANN001, ANN202
+    return (reference.e8p_mm_t(grad, *ctx.args),) + (None,) * len(ctx.args)
+
+
+def _hadamard_backward(ctx, grad):  # noqa: ANN001, ANN202
+    pre, post, transpose = ctx.args  # y = post ∘ Had (pre ∘ x) / √n  ⇒  dx = pre ∘ Hadᵀ (post ∘ dy) / √n
+    return torch.ops.qlr.hadamard(grad, post, pre, not transpose), None, None, None
+
+
+torch.library.register_autograd("qlr::grid_mm", _grid_mm_backward, setup_context=_save_inputs)
+torch.library.register_autograd("qlr::e8p_mm", _e8p_mm_backward, setup_context=_save_inputs)
+torch.library.register_autograd("qlr::hadamard", _hadamard_backward, setup_context=_save_inputs)
+
+
+def grid_mm(x: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None, levels: Tensor | None, bits: int, n: int,
+            group_len: int, zero_const: float) -> Tensor:
+    """x (B, n) @ Fᵀ → (B, m) for a scalar-grid F (``torch.ops.qlr.grid_mm``)."""
+    return torch.ops.qlr.grid_mm(x, codes, scale, zero, levels, bits, n, group_len, zero_const)
+
+
+def e8p_mm(x: Tensor, codes: Tensor, scale: Tensor) -> Tensor:
+    """x (B, n) @ Fᵀ → (B, m) for an E8P factor (``torch.ops.qlr.e8p_mm``)."""
+    return torch.ops.qlr.e8p_mm(x, codes, scale)
+
+
+def hadamard(x: Tensor, pre: Tensor | None, post: Tensor | None, transpose: bool = False) -> Tensor:
+    """(Had_n (x ∘ pre) / √n) ∘ post over x (B, n) (``torch.ops.qlr.hadamard``)."""
+    return torch.ops.qlr.hadamard(x, pre, post, transpose)
