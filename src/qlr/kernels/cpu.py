@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["lib", "available", "build_error", "grid_gemv", "grid_decode", "e8p_gemv", "e8p_decode", "hadamard",
-           "GEMV_MAX_BATCH"]
+           "GEMV_MAX_BATCH", "QFactor", "QLayer", "FactorPlan", "grid_factor", "e8p_factor", "dense_factor",
+           "layer_plan", "layer_forward"]
 
 GEMV_MAX_BATCH = 8
 """Largest number of input rows the fused decode + GEMV kernels take in one call."""
@@ -52,6 +53,7 @@ _SIGNATURES = {
     "qlr_e8p_gemv": ([_p, _i, _p, _i, _i, _p, _i, _l, _p, _l, _i, _i], _i),
     "qlr_e8p_decode": ([_p, _i, _p, _i, _i, _i, _i, _p, _i], _i),
     "qlr_hadamard": ([_p, _i, _l, _i, _i, _p, _p, _p, _f, _i], _i),
+    "qlr_layer_forward": ([_p, _p, _i, _p, _i], _i),
 }
 
 
@@ -199,3 +201,107 @@ def hadamard(x: Tensor, b: int, Hb: Tensor | None, pre: Tensor | None, post: Ten
     _check(lib().qlr_hadamard(x.data_ptr(), B, x.stride(0), n, b, _ptr(Hb), _ptr(pre), _ptr(post), scale,
                               _threads()), "hadamard")
     return x
+
+
+# ---- a whole layer in one call ---------------------------------------------------------------------------------
+class QFactor(ctypes.Structure):
+    """Mirror of the C ``QFactor``: one stored factor (rows × cols) as the fused layer kernel reads it."""
+
+    _fields_ = [("kind", _i), ("rows", _i), ("cols", _i),
+                ("codes", _p), ("words", _i), ("bits", _i), ("glen", _i),
+                ("scale", _p), ("scale_kind", _i), ("zero", _p), ("zero_kind", _i), ("zero_const", _f),
+                ("levels", _p),
+                ("e8p_codes", _p), ("stages", _i), ("e8p_scales", _p),
+                ("dense", _p)]
+
+
+class QLayer(ctypes.Structure):
+    """Mirror of the C ``QLayer``: everything ``qlr_layer_forward`` needs for one QLRLinear."""
+
+    _fields_ = [("m", _i), ("n", _i), ("r", _i), ("q", QFactor), ("l", QFactor), ("rf", QFactor),
+                ("perm", _p), ("s_in", _p), ("s_out", _p), ("b_in", _i), ("b_out", _i), ("h_in", _p), ("h_out", _p),
+                ("bias", _p), ("bias_kind", _i)]
+
+
+FactorPlan = tuple[QFactor, list[Tensor]]
+"""A filled :class:`QFactor` and the tensors its pointers refer to (kept alive with it)."""
+
+_KINDS = {"grid": 1, "e8p": 2}
+_SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
+_BIAS_KINDS = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def grid_factor(codes: Tensor, scale: Tensor, zero: Tensor | None, levels: Tensor | None, bits: int, n: int,
+                group_len: int, zero_const: float) -> FactorPlan | None:
+    """A scalar-grid factor (arguments as :func:`qlr.kernels.ops.grid_mm` takes them); None if unsupported."""
+    if scale.dtype not in _SCALE_KINDS:
+        return None
+    keep = [codes.contiguous(), scale.contiguous()]
+    f = QFactor(kind=1, rows=codes.shape[0], cols=n, codes=keep[0].data_ptr(), words=codes.shape[1], bits=bits,
+                glen=group_len or n, scale=keep[1].data_ptr(), scale_kind=_SCALE_KINDS[scale.dtype],
+                zero_const=zero_const)
+    if zero is not None:
+        keep.append(zero.contiguous())
+        f.zero, f.zero_kind = keep[-1].data_ptr(), 1 if zero.dtype == torch.int32 else 2
+    if levels is not None:
+        keep.append(levels.float().contiguous())
+        f.levels = keep[-1].data_ptr()
+    return f, keep
+
+
+def e8p_factor(codes: Tensor, scale: Tensor) -> FactorPlan:
+    """An E8P factor: codes (stages, rows, cols/8) int16, scales (stages,)."""
+    keep = [codes.contiguous(), scale.float().contiguous()]
+    stages, rows, nb = codes.shape
+    return QFactor(kind=2, rows=rows, cols=nb * 8, e8p_codes=keep[0].data_ptr(), stages=stages,
+                   e8p_scales=keep[1].data_ptr()), keep
+
+
+def dense_factor(t: Tensor) -> FactorPlan | None:
+    """A dense float16 / float32 factor (rows × cols); None for other dtypes."""
+    if t.dtype not in (torch.float16, torch.float32):
+        return None
+    keep = [t.contiguous()]
+    return QFactor(kind=3 if t.dtype == torch.float16 else 4, rows=t.shape[0], cols=t.shape[1],
+                   dense=keep[0].data_ptr()), keep
+
+
+def layer_plan(m: int, n: int, r: int, q: FactorPlan | None, lf: FactorPlan | None, rf: FactorPlan | None,
+               perm: Tensor | None, signs: tuple[Tensor, Tensor] | None, bias: Tensor | None) -> tuple[QLayer, list]:
+    """A filled :class:`QLayer` and the tensors it points into. ``perm`` maps stored column j of Q to input column
+    perm[j]; ``signs`` = (signs_out (m,), signs_in (n,)) ±1 when the layer is stored rotated."""
+    from qlr.quant.hadamard import _base_on, _factor
+
+    keep: list = []
+    layer = QLayer(m=m, n=n, r=r)
+    for name, fp in (("q", q), ("l", lf), ("rf", rf)):
+        if fp is not None:
+            setattr(layer, name, fp[0])
+            keep.append(fp)
+    if perm is not None:
+        keep.append(perm.to(torch.int64).contiguous())
+        layer.perm = keep[-1].data_ptr()
+    if signs is not None:
+        s_out, s_in = (s.float().contiguous() for s in signs)
+        (b_in, _), (b_out, _) = _factor(n), _factor(m)
+        keep += [s_out, s_in]
+        layer.s_out, layer.s_in, layer.b_in, layer.b_out = s_out.data_ptr(), s_in.data_ptr(), b_in, b_out
+        if b_in > 1:
+            keep.append(_base_on(b_in, torch.float32, torch.device("cpu")).contiguous())
+            layer.h_in = keep[-1].data_ptr()
+        if b_out > 1:
+            keep.append(_base_on(b_out, torch.float32, torch.device("cpu")).T.contiguous())
+            layer.h_out = keep[-1].data_ptr()
+    if bias is not None:
+        if bias.dtype not in _BIAS_KINDS:
+            bias = bias.float()
+        keep.append(bias.contiguous())
+        layer.bias, layer.bias_kind = keep[-1].data_ptr(), _BIAS_KINDS[bias.dtype]
+    return layer, keep
+
+
+def layer_forward(layer: QLayer, x: Tensor, out: Tensor) -> Tensor:
+    """out (B, m) = the whole layer applied to x (B, n), B ≤ :data:`GEMV_MAX_BATCH`; float32, contiguous."""
+    _check(lib().qlr_layer_forward(ctypes.addressof(layer), x.data_ptr(), x.shape[0], out.data_ptr(), _threads()),
+           "layer_forward")
+    return out

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from qlr.kernels import ops, reference
+from qlr.kernels import cpu, ops, reference
 from qlr.quant.e8p import E8P_DIM, LatticeQuantizedTensor
 from qlr.quant.grid import QuantizedTensor, QuantSpec, nf_levels
 from qlr.quant.packing import MAX_BITS, pack, unpack
@@ -84,6 +84,9 @@ class Codec(Protocol):
     def column_perm(self, bufs: Mapping[str, Tensor]) -> Tensor | None:
         """(n,) stored-to-original column map (stored column j is original column perm[j]), or None."""
         ...
+
+    # optional: ``cpu_factor(bufs, meta) -> qlr.kernels.cpu.FactorPlan | None`` describes the factor to the fused
+    # whole-layer CPU kernel; a codec without it (or returning None) runs through ``matmul`` only.
 
     def storage_bits(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> int:
         """Bits taken by the buffers (packed words counted whole, so tail padding is included)."""
@@ -178,6 +181,9 @@ class GridCodec:
     def matmul(self, x: Tensor, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Tensor:
         return ops.grid_mm(x, bufs["codes"], bufs["scale"], *self._args(bufs, meta))
 
+    def cpu_factor(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> cpu.FactorPlan | None:
+        return cpu.grid_factor(bufs["codes"], bufs["scale"], *self._args(bufs, meta))
+
     def column_perm(self, bufs: Mapping[str, Tensor]) -> Tensor | None:
         return bufs.get("perm")
 
@@ -236,6 +242,9 @@ class LatticeCodec:
     def matmul(self, x: Tensor, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Tensor:
         return ops.e8p_mm(x, bufs["codes"], bufs["scale"])
 
+    def cpu_factor(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> cpu.FactorPlan | None:
+        return cpu.e8p_factor(bufs["codes"], bufs["scale"])
+
     def column_perm(self, bufs: Mapping[str, Tensor]) -> Tensor | None:
         return None
 
@@ -264,6 +273,9 @@ class DenseCodec:
 
     def matmul(self, x: Tensor, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Tensor:
         return x @ bufs["dense"].to(x.dtype).T
+
+    def cpu_factor(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> cpu.FactorPlan | None:
+        return cpu.dense_factor(bufs["dense"])
 
     def column_perm(self, bufs: Mapping[str, Tensor]) -> Tensor | None:
         return None
@@ -424,6 +436,34 @@ class QLRLinear(nn.Module):
         s_out, s_in = self._signs()
         return Incoherence(s_out, s_in, self.meta["rotation"]["seed"])
 
+    def _fused_plan(self) -> tuple[cpu.QLayer, list] | None:
+        """The fused CPU kernel's description of this layer (cached until a buffer is replaced or written in
+        place), or None when a buffer is off the CPU or a codec has no CPU factor kernel."""
+        key = tuple((t.data_ptr(), t._version) for t in self._buffers.values() if t is not None)
+        cached = self.__dict__.get("_plan_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan = None
+        if all(t.device.type == "cpu" for t in self._buffers.values() if t is not None):
+            factors = {}
+            for f in _FACTORS:
+                if self.meta[f] is None or (f != "q" and self.rank == 0):
+                    factors[f] = None
+                    continue
+                codec = codec_for(name=self.meta[f]["codec"])
+                fp = getattr(codec, "cpu_factor", lambda b, m: None)(self._bufs(f), self.meta[f])
+                if fp is None:
+                    break
+                factors[f] = fp
+            else:
+                perm = (codec_for(name=self.meta["q"]["codec"]).column_perm(self._bufs("q"))
+                        if self.meta["q"] is not None else None)
+                signs = self._signs() if self.meta["rotation"] is not None else None
+                plan = cpu.layer_plan(self.out_features, self.in_features, self.rank, factors["q"], factors["l"],
+                                      factors["r"], perm, signs, self.bias if self.meta["bias"] is not None else None)
+        self.__dict__["_plan_cache"] = (key, plan)
+        return plan
+
     def _matmul(self, f: str, x: Tensor) -> Tensor:
         return codec_for(name=self.meta[f]["codec"]).matmul(x, self._bufs(f), self.meta[f])
 
@@ -441,6 +481,13 @@ class QLRLinear(nn.Module):
             raise TypeError(f"QLRLinear expects a floating-point input, got {x.dtype}")
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, n)
+        if (x2.shape[0] <= cpu.GEMV_MAX_BATCH and x.device.type == "cpu" and cpu.lib() is not None
+                and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()):
+            plan = self._fused_plan()
+            if plan is not None:  # the whole layer in one compiled call (no per-op Python overhead)
+                y = cpu.layer_forward(plan[0], x2.to(torch.float32).contiguous(),
+                                      torch.empty(x2.shape[0], m, dtype=torch.float32))
+                return y.to(dtype).reshape(*lead, m)
         rotated = self.meta["rotation"] is not None
         if rotated:
             s_out, s_in = self._signs()

@@ -53,6 +53,30 @@ static inline int threads_for(long work, int nthreads) {
   return nthreads;
 }
 
+// per-thread scratch buffers, reused across calls (slots 0-2: the layer kernel, 3: grid rows, 4: Hadamard)
+static float* scratch(int which, size_t count) {
+  static thread_local float* bufs[5] = {NULL, NULL, NULL, NULL, NULL};
+  static thread_local size_t caps[5] = {0, 0, 0, 0, 0};
+  if (caps[which] < count) {
+    free(bufs[which]);
+    bufs[which] = (float*)malloc(sizeof(float) * count);
+    caps[which] = bufs[which] ? count : 0;
+  }
+  return bufs[which];
+}
+
+// for i in [begin, end): f(i), on nt OpenMP threads when nt > 1 (no parallel region at all otherwise: entering one,
+// even with if(0), costs microseconds that small layers cannot afford)
+template <class F>
+static inline void pfor(int begin, int end, int nt, F&& f) {
+  if (nt > 1) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int i = begin; i < end; i++) f(i);
+  } else {
+    for (int i = begin; i < end; i++) f(i);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // scalar grid
 // ---------------------------------------------------------------------------------------------------------------
@@ -193,8 +217,7 @@ template <int BITS, int B>
 static void grid_gemv_blocks(const Grid& g, const float* x, long ldx, float* y, long ldy, int accumulate,
                              int nthreads) {
   int nt = threads_for((long)g.m * g.n * B, nthreads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int i = 0; i < g.m; i++) {
+  pfor(0, g.m, nt, [&](int i) {
     const uint32_t* w = g.codes + (long)i * g.words;
     float tot[B];
     for (int b = 0; b < B; b++) tot[b] = 0.f;
@@ -217,7 +240,7 @@ static void grid_gemv_blocks(const Grid& g, const float* x, long ldx, float* y, 
     for (int b = 0; b < B; b++) {
       if (accumulate) y[b * ldy + i] += tot[b]; else y[b * ldy + i] = tot[b];
     }
-  }
+  });
 }
 
 // fused path: every group and the row are whole 8-code chunks; codes decoded in registers, never stored
@@ -225,8 +248,7 @@ template <int BITS, int B>
 static void grid_gemv_fused(const Grid& g, const float* x, long ldx, float* y, long ldy, int accumulate,
                             int nthreads) {
   int nt = threads_for((long)g.m * g.n * B, nthreads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int i = 0; i < g.m; i++) {
+  pfor(0, g.m, nt, [&](int i) {
     const uint32_t* w = g.codes + (long)i * g.words;
     float tot[B];
     for (int b = 0; b < B; b++) tot[b] = 0.f;
@@ -253,7 +275,7 @@ static void grid_gemv_fused(const Grid& g, const float* x, long ldx, float* y, l
     for (int b = 0; b < B; b++) {
       if (accumulate) y[b * ldy + i] += tot[b]; else y[b * ldy + i] = tot[b];
     }
-  }
+  });
 }
 
 // general path (any n and group length): decode the row's codes into a buffer, then per-group dot products
@@ -261,26 +283,21 @@ template <int B>
 static void grid_gemv_buffered(const Grid& g, const float* x, long ldx, float* y, long ldy, int accumulate,
                                int nthreads) {
   int nt = threads_for((long)g.m * g.n * B, nthreads);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    float* c = (float*)malloc(sizeof(float) * (g.n + 32));
-#pragma omp for schedule(static)
-    for (int i = 0; i < g.m; i++) {
-      decode_row_codes(g, i, c);
-      float tot[B], part[B];
-      for (int b = 0; b < B; b++) tot[b] = 0.f;
-      for (int k = 0; k < g.groups; k++) {
-        int j0 = k * g.glen, j1 = j0 + g.glen < g.n ? j0 + g.glen : g.n;
-        float z = g.levels ? 0.f : grid_zero(g, i, k), s = grid_scale(g, i, k);
-        group_dots<B>(c, z, x, ldx, j0, j1, part);
-        for (int b = 0; b < B; b++) tot[b] += s * part[b];
-      }
-      for (int b = 0; b < B; b++) {
-        if (accumulate) y[b * ldy + i] += tot[b]; else y[b * ldy + i] = tot[b];
-      }
+  pfor(0, g.m, nt, [&](int i) {
+    float* c = scratch(3, (size_t)g.n + 32);
+    decode_row_codes(g, i, c);
+    float tot[B], part[B];
+    for (int b = 0; b < B; b++) tot[b] = 0.f;
+    for (int k = 0; k < g.groups; k++) {
+      int j0 = k * g.glen, j1 = j0 + g.glen < g.n ? j0 + g.glen : g.n;
+      float z = g.levels ? 0.f : grid_zero(g, i, k), s = grid_scale(g, i, k);
+      group_dots<B>(c, z, x, ldx, j0, j1, part);
+      for (int b = 0; b < B; b++) tot[b] += s * part[b];
     }
-    free(c);
-  }
+    for (int b = 0; b < B; b++) {
+      if (accumulate) y[b * ldy + i] += tot[b]; else y[b * ldy + i] = tot[b];
+    }
+  });
 }
 
 template <int B>
@@ -354,8 +371,7 @@ int qlr_grid_decode(const int32_t* codes, int words, int bits, int m, int n, int
   if (bits < 1 || bits > 8 || r0 < 0 || r1 > m || r0 > r1) return -1;
   Grid g = make_grid(codes, words, bits, m, n, glen, scale, scale_kind, zero, zero_kind, zero_const, levels);
   int nt = threads_for((long)(r1 - r0) * n, nthreads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int i = r0; i < r1; i++) {
+  pfor(r0, r1, nt, [&](int i) {
     float* o = out + (long)(i - r0) * n;
     decode_row_codes(g, i, o);
     for (int k = 0; k < g.groups; k++) {
@@ -368,7 +384,7 @@ int qlr_grid_decode(const int32_t* codes, int words, int bits, int m, int n, int
         for (int j = j0; j < j1; j++) o[j] = (o[j] - z) * s;
       }
     }
-  }
+  });
   return 0;
 }
 
@@ -419,8 +435,7 @@ static void e8p_gemv_t(const int16_t* codes, int stages, const float* scales, in
                        long ldx, float* y, long ldy, int accumulate, int nthreads) {
   const int nb = n / 8;
   int nt = threads_for((long)m * n * B * stages, nthreads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int i = 0; i < m; i++) {
+  pfor(0, m, nt, [&](int i) {
     float tot[B];
     for (int b = 0; b < B; b++) tot[b] = 0.f;
     for (int s = 0; s < stages; s++) {
@@ -444,7 +459,7 @@ static void e8p_gemv_t(const int16_t* codes, int stages, const float* scales, in
     for (int b = 0; b < B; b++) {
       if (accumulate) y[b * ldy + i] += tot[b]; else y[b * ldy + i] = tot[b];
     }
-  }
+  });
 }
 
 extern "C" {
@@ -470,8 +485,7 @@ int qlr_e8p_decode(const int16_t* codes, int stages, const float* scales, int m,
   if (!g_e8p_ready || n % 8 || r0 < 0 || r1 > m || r0 > r1) return -1;
   const int nb = n / 8;
   int nt = threads_for((long)(r1 - r0) * n * stages, nthreads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int i = r0; i < r1; i++) {
+  pfor(r0, r1, nt, [&](int i) {
     float* o = out + (long)(i - r0) * n;
     for (int s = 0; s < stages; s++) {
       const uint16_t* c = (const uint16_t*)codes + ((long)s * m + i) * nb;
@@ -480,7 +494,7 @@ int qlr_e8p_decode(const int16_t* codes, int stages, const float* scales, int m,
         if (s == 0) store8(o + 8 * k, w); else store8(o + 8 * k, load8(o + 8 * k) + w);
       }
     }
-  }
+  });
   return 0;
 }
 
@@ -515,32 +529,163 @@ int qlr_hadamard(float* x, int B, long ldx, int n, int b, const float* Hb, const
   const int p = n / b;
   if (p & (p - 1)) return -1;
   int nt = threads_for((long)B * n * 16, nthreads);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    float* tmp = b > 1 ? (float*)malloc(sizeof(float) * n) : NULL;
-#pragma omp for schedule(static)
-    for (int r = 0; r < B; r++) {
-      float* v = x + (long)r * ldx;
-      if (pre) for (int j = 0; j < n; j++) v[j] *= pre[j];
-      for (int i = 0; i < b; i++) fwht_inplace(v + (long)i * p, p);
-      if (b > 1) {
-        for (int i = 0; i < b; i++) {
-          float* o = tmp + (long)i * p;
-          for (int j = 0; j < p; j++) o[j] = 0.f;
-          for (int k = 0; k < b; k++) {
-            const float h = Hb[i * b + k];
-            const float* src = v + (long)k * p;
-            for (int j = 0; j < p; j++) o[j] += h * src[j];
-          }
+  pfor(0, B, nt, [&](int r) {
+    float* tmp = b > 1 ? scratch(4, (size_t)n) : NULL;
+    float* v = x + (long)r * ldx;
+    if (pre) for (int j = 0; j < n; j++) v[j] *= pre[j];
+    for (int i = 0; i < b; i++) fwht_inplace(v + (long)i * p, p);
+    if (b > 1) {
+      for (int i = 0; i < b; i++) {
+        float* o = tmp + (long)i * p;
+        for (int j = 0; j < p; j++) o[j] = 0.f;
+        for (int k = 0; k < b; k++) {
+          const float h = Hb[i * b + k];
+          const float* src = v + (long)k * p;
+          for (int j = 0; j < p; j++) o[j] += h * src[j];
         }
-        memcpy(v, tmp, sizeof(float) * n);
       }
-      if (post) { for (int j = 0; j < n; j++) v[j] *= scale * post[j]; }
-      else if (scale != 1.0f) { for (int j = 0; j < n; j++) v[j] *= scale; }
+      memcpy(v, tmp, sizeof(float) * n);
     }
-    free(tmp);
-  }
+    if (post) { for (int j = 0; j < n; j++) v[j] *= scale * post[j]; }
+    else if (scale != 1.0f) { for (int j = 0; j < n; j++) v[j] *= scale; }
+  });
   return 0;
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------------------------------------------------------
+// A whole QLRLinear forward for a few rows of x in one call: y = U^T-side rotation of (x~ Q^T + (x~ R^T) L^T) + b,
+// x~ = the input rotation of x (see qlr.nn.qlinear). The caller (qlr.kernels.cpu.LayerPlan) fills QLayer once per
+// module with pointers to its buffers; scratch lives in per-thread buffers reused across calls.
+// ---------------------------------------------------------------------------------------------------------------
+struct QFactor {
+  int kind;  // 0 absent, 1 scalar grid, 2 E8P, 3 dense float16, 4 dense float32
+  int rows, cols;
+  const int32_t* codes; int words; int bits; int glen;  // grid
+  const void* scale; int scale_kind; const void* zero; int zero_kind; float zero_const; const float* levels;
+  const int16_t* e8p_codes; int stages; const float* e8p_scales;  // E8P
+  const void* dense;  // dense
+};
+
+struct QLayer {
+  int m, n, r;
+  QFactor q, l, rf;
+  const int64_t* perm;                    // stored column j of Q is input column perm[j]; NULL: identity
+  const float* s_in; const float* s_out;  // rotation signs; NULL: not rotated
+  int b_in, b_out;                        // orders of the dense Hadamard factors
+  const float* h_in; const float* h_out;  // H_b (input side) and H_b^T (output side), row-major; NULL when b = 1
+  const void* bias; int bias_kind;        // 0 none, 1 float32, 2 float16, 3 bfloat16
+};
+
+static inline float bf16_to_float(uint16_t h) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
+
+template <int B>
+static void dense_gemv_t(const QFactor& f, const float* x, long ldx, float* y, long ldy, int accumulate, int nthreads) {
+  const int n = f.cols;
+  int nt = threads_for((long)f.rows * n * B, nthreads);
+  pfor(0, f.rows, nt, [&](int i) {
+    float tot[B];
+    v8f a[B];
+    for (int b = 0; b < B; b++) a[b] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};
+    int j = 0;
+    if (f.kind == 4) {
+      const float* w = (const float*)f.dense + (long)i * n;
+      for (; j + 8 <= n; j += 8) { v8f v = load8(w + j); for (int b = 0; b < B; b++) a[b] += v * load8(x + b * ldx + j); }
+      for (int b = 0; b < B; b++) { tot[b] = hsum8(a[b]); for (int t = j; t < n; t++) tot[b] += w[t] * x[b * ldx + t]; }
+    } else {
+      const uint16_t* w = (const uint16_t*)f.dense + (long)i * n;
+      for (; j + 8 <= n; j += 8) {
+        v8f v;
+        for (int t = 0; t < 8; t++) v[t] = half_to_float(w[j + t]);
+        for (int b = 0; b < B; b++) a[b] += v * load8(x + b * ldx + j);
+      }
+      for (int b = 0; b < B; b++) {
+        tot[b] = hsum8(a[b]);
+        for (int t = j; t < n; t++) tot[b] += half_to_float(w[t]) * x[b * ldx + t];
+      }
+    }
+    for (int b = 0; b < B; b++) {
+      if (accumulate) y[b * ldy + i] += tot[b]; else y[b * ldy + i] = tot[b];
+    }
+  });
+}
+
+static void dense_gemv(const QFactor& f, const float* x, long ldx, int B, float* y, long ldy, int accumulate,
+                       int nthreads) {
+  switch (B) {
+    case 1: return dense_gemv_t<1>(f, x, ldx, y, ldy, accumulate, nthreads);
+    case 2: return dense_gemv_t<2>(f, x, ldx, y, ldy, accumulate, nthreads);
+    case 3: return dense_gemv_t<3>(f, x, ldx, y, ldy, accumulate, nthreads);
+    case 4: return dense_gemv_t<4>(f, x, ldx, y, ldy, accumulate, nthreads);
+    case 5: return dense_gemv_t<5>(f, x, ldx, y, ldy, accumulate, nthreads);
+    case 6: return dense_gemv_t<6>(f, x, ldx, y, ldy, accumulate, nthreads);
+    case 7: return dense_gemv_t<7>(f, x, ldx, y, ldy, accumulate, nthreads);
+    default: return dense_gemv_t<8>(f, x, ldx, y, ldy, accumulate, nthreads);
+  }
+}
+
+static int factor_gemv(const QFactor& f, const float* x, long ldx, int B, float* y, long ldy, int accumulate,
+                       int nthreads) {
+  switch (f.kind) {
+    case 1:
+      return qlr_grid_gemv(f.codes, f.words, f.bits, f.rows, f.cols, f.glen, f.scale, f.scale_kind, f.zero,
+                           f.zero_kind, f.zero_const, f.levels, x, B, ldx, y, ldy, accumulate, nthreads);
+    case 2:
+      return qlr_e8p_gemv(f.e8p_codes, f.stages, f.e8p_scales, f.rows, f.cols, x, B, ldx, y, ldy, accumulate,
+                          nthreads);
+    case 3: case 4:
+      dense_gemv(f, x, ldx, B, y, ldy, accumulate, nthreads);
+      return 0;
+    default:
+      return -1;
+  }
+}
+
+
+extern "C" int qlr_layer_forward(const QLayer* L, const float* x, int B, float* y, int nthreads) {
+  if (B < 1 || B > 8) return -1;
+  const int m = L->m, n = L->n, r = L->r;
+  const float* xr = x;
+  if (L->s_in) {
+    float* t = scratch(0, (size_t)B * n);
+    if (!t) return -2;
+    memcpy(t, x, sizeof(float) * B * n);
+    if (qlr_hadamard(t, B, n, n, L->b_in, L->h_in, L->s_in, NULL, 1.0f / sqrtf((float)n), nthreads)) return -1;
+    xr = t;
+  }
+  const float* xq = xr;
+  if (L->perm) {
+    float* t = scratch(1, (size_t)B * n);
+    if (!t) return -2;
+    for (int b = 0; b < B; b++)
+      for (int j = 0; j < n; j++) t[(long)b * n + j] = xr[(long)b * n + L->perm[j]];
+    xq = t;
+  }
+  if (L->q.kind) {
+    if (factor_gemv(L->q, xq, n, B, y, m, 0, nthreads)) return -1;
+  } else {
+    memset(y, 0, sizeof(float) * B * m);
+  }
+  if (r > 0) {
+    float* t = scratch(2, (size_t)B * r);
+    if (!t) return -2;
+    if (factor_gemv(L->rf, xr, n, B, t, r, 0, nthreads)) return -1;
+    if (factor_gemv(L->l, t, r, B, y, m, 1, nthreads)) return -1;
+  }
+  if (L->s_out) {
+    if (qlr_hadamard(y, B, m, m, L->b_out, L->h_out, NULL, L->s_out, 1.0f / sqrtf((float)m), nthreads)) return -1;
+  }
+  if (L->bias_kind) {
+    for (int b = 0; b < B; b++) {
+      float* yb = y + (long)b * m;
+      for (int i = 0; i < m; i++) {
+        float v = L->bias_kind == 1 ? ((const float*)L->bias)[i]
+                  : L->bias_kind == 2 ? half_to_float(((const uint16_t*)L->bias)[i])
+                                      : bf16_to_float(((const uint16_t*)L->bias)[i]);
+        yb[i] += v;
+      }
+    }
+  }
+  return 0;
+}
