@@ -156,11 +156,13 @@ def memory_probe(which: str) -> dict[str, float]:
     import qlr
     from qlr.models.loading import load_model
 
+    with torch.no_grad():  # warm up torch's own allocations first, so they are not counted as the model's
+        torch.nn.Linear(64, 64)(torch.randn(8, 64))
     base = _rss_kib("VmRSS")
     model = load_model("smollm2-135m")[0] if which == "fp" else qlr.load(which)
-    loaded = _rss_kib("VmRSS")
-    with torch.no_grad():
+    with torch.no_grad():  # one short forward touches every weight (memory-mapped files count once read)
         model(torch.zeros(1, 64, dtype=torch.long))
+    loaded = _rss_kib("VmRSS")
     params = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     return {"rss_base_mib": base / 1024, "rss_loaded_mib": loaded / 1024, "model_rss_mib": (loaded - base) / 1024,
             "peak_rss_mib": _rss_kib("VmHWM") / 1024, "tensor_bytes_mib": params / 2**20}
@@ -171,8 +173,22 @@ def _memory(which: str) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def interleaved(fns: dict[str, Any], reps: int) -> dict[str, float]:
+    """Median seconds of each ``fns[name]()`` over ``reps`` rounds that call every function once in turn (after one
+    warm-up round), so that slow drifts of the machine hit every variant alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 @torch.no_grad()
-def bench_model(run: Path, windows: int, new_tokens: int, min_time: float) -> dict[str, Any]:
+def bench_model(run: Path, windows: int, new_tokens: int, reps: int) -> dict[str, Any]:
     import qlr
     from qlr.data import load_text
     from qlr.eval.perplexity import perplexity
@@ -180,28 +196,38 @@ def bench_model(run: Path, windows: int, new_tokens: int, min_time: float) -> di
 
     fp, tok = load_model("smollm2-135m")
     comp = qlr.load(run)
+    models = {"fp": fp, "qlr": comp}
     text = load_text("moby-dick")
     prompt = tok("Call me Ishmael. Some years ago, never mind how long precisely, having little money",
                  return_tensors="pt").input_ids
     ids512 = tok(text[:20000], return_tensors="pt").input_ids[:, :512]
-    out: dict[str, Any] = {"run": str(run), "new_tokens": new_tokens, "windows": windows, "prompt_tokens":
-                           prompt.shape[1]}
-    variants = [("fp", fp, False), ("qlr", comp, False), ("qlr_reference", comp, True)]
-    for name, model, ref in variants:
-        ctx = kernels_off() if ref else _Null()
-        with ctx:
-            def gen(model: torch.nn.Module = model) -> None:
-                model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               pad_token_id=tok.eos_token_id)
-            t_gen = timed(gen, min_time, max_reps=3)
-            t_pre = timed(lambda model=model: model(ids512), min_time, max_reps=5)
-            t0 = time.perf_counter()
-            ppl = perplexity(model, tok, text, max_windows=windows, progress=False)
-            t_ppl = time.perf_counter() - t0
-        out[name] = {"generate_tok_s": new_tokens / t_gen, "prefill_tok_s": 512 / t_pre, "ppl_eval_s": t_ppl,
-                     "ppl": ppl}
-        print(f"{name:14s} generate {new_tokens / t_gen:6.1f} tok/s  prefill {512 / t_pre:7.1f} tok/s  "
-              f"perplexity eval {t_ppl:6.1f} s (ppl {ppl:.2f})", flush=True)
+
+    def gen(model: torch.nn.Module, k: int = new_tokens) -> None:
+        model.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=tok.eos_token_id)
+
+    out: dict[str, Any] = {"run": str(run), "new_tokens": new_tokens, "windows": windows, "reps": reps,
+                           "prompt_tokens": prompt.shape[1]}
+    t_gen = interleaved({k: (lambda m=m: gen(m)) for k, m in models.items()}, reps)
+    t_pre = interleaved({k: (lambda m=m: m(ids512)) for k, m in models.items()}, reps)
+    ppl: dict[str, float] = {}
+
+    def evaluate(name: str) -> None:
+        ppl[name] = perplexity(models[name], tok, text, max_windows=windows, progress=False)
+
+    t_ppl = interleaved({k: (lambda k=k: evaluate(k)) for k in models}, max(1, reps // 2))
+    for k in models:
+        out[k] = {"generate_tok_s": new_tokens / t_gen[k], "prefill_tok_s": 512 / t_pre[k], "ppl_eval_s": t_ppl[k],
+                  "ppl": ppl[k]}
+    with kernels_off():  # the pure-torch path, once, with fewer tokens (it is slow)
+        k = max(4, new_tokens // 4)
+        t_ref = timed(lambda: gen(comp, k), 0.0, max_reps=1)
+        out["qlr_reference"] = {"generate_tok_s": k / t_ref, "prefill_tok_s": 512 / timed(lambda: comp(ids512), 0.0,
+                                                                                            max_reps=1)}
+    for name in ("fp", "qlr", "qlr_reference"):
+        r = out[name]
+        extra = f"  perplexity eval {r['ppl_eval_s']:6.1f} s (ppl {r['ppl']:.2f})" if "ppl" in r else ""
+        print(f"{name:14s} generate {r['generate_tok_s']:6.1f} tok/s  prefill {r['prefill_tok_s']:7.1f} tok/s{extra}",
+              flush=True)
     out["fp"]["memory"] = _memory("fp")
     out["qlr"]["memory"] = _memory(str(run))
     for name in ("fp", "qlr"):
@@ -216,14 +242,6 @@ def bench_model(run: Path, windows: int, new_tokens: int, min_time: float) -> di
                      "generate_vs_reference": q["generate_tok_s"] / out["qlr_reference"]["generate_tok_s"]}
     print("ratios (qlr / fp):", {k: round(v, 3) for k, v in out["ratios"].items()})
     return out
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def default_run(path: Path) -> Path:
@@ -265,7 +283,7 @@ def main() -> None:
                                         prefill=128 if a.quick else 512, reference=not a.no_reference)
     if not a.layers_only:
         run = a.run or default_run(Path("runs/bench-inference-smollm2-bpw2.5"))
-        result["model"] = bench_model(run, a.windows, a.new_tokens, min_time)
+        result["model"] = bench_model(run, a.windows, a.new_tokens, reps=2 if a.quick else 5)
     name = "inference_quick" if a.quick else "inference"
     old = RESULTS / f"{name}.json"
     if old.exists():  # a partial run (--layers-only / --model-only) keeps the other part of the last full run

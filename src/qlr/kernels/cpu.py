@@ -54,6 +54,7 @@ _SIGNATURES = {
     "qlr_e8p_decode": ([_p, _i, _p, _i, _i, _i, _i, _p, _i], _i),
     "qlr_hadamard": ([_p, _i, _l, _i, _i, _p, _p, _p, _f, _i], _i),
     "qlr_layer_forward": ([_p, _p, _i, _p, _i], _i),
+    "qlr_hadamard_out": ([_p, _l, _p, _i, _l, _i, _i, _p, _p, _p, _f, _i], _i),
 }
 
 
@@ -194,13 +195,15 @@ def e8p_decode(codes: Tensor, scales: Tensor, r0: int, r1: int, out: Tensor) -> 
     return out
 
 
-def hadamard(x: Tensor, b: int, Hb: Tensor | None, pre: Tensor | None, post: Tensor | None, scale: float) -> Tensor:
-    """In place on x (B, n) float32: x ← (Had_n (x ∘ pre)) · scale ∘ post, Had_n = H_b ⊗ H_{n/b} (Hb given
-    row-major as the b × b matrix to apply)."""
+def hadamard(x: Tensor, b: int, Hb: Tensor | None, pre: Tensor | None, post: Tensor | None, scale: float,
+             out: Tensor | None = None) -> Tensor:
+    """out (B, n) float32 ← (Had_n (x ∘ pre)) · scale ∘ post, Had_n = H_b ⊗ H_{n/b} (Hb given row-major as the
+    b × b matrix to apply); in place on x when ``out`` is None. Rows contiguous."""
     B, n = x.shape
-    _check(lib().qlr_hadamard(x.data_ptr(), B, x.stride(0), n, b, _ptr(Hb), _ptr(pre), _ptr(post), scale,
-                              _threads()), "hadamard")
-    return x
+    out = x if out is None else out
+    _check(lib().qlr_hadamard_out(x.data_ptr(), x.stride(0), out.data_ptr(), B, out.stride(0), n, b, _ptr(Hb),
+                                  _ptr(pre), _ptr(post), scale, _threads()), "hadamard")
+    return out
 
 
 # ---- a whole layer in one call ---------------------------------------------------------------------------------

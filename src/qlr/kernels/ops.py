@@ -24,7 +24,7 @@ from torch import Tensor
 from qlr.kernels import cpu, reference
 from qlr.quant.hadamard import _base_on, _factor
 
-__all__ = ["grid_mm", "e8p_mm", "hadamard", "use_compiled", "TILE_ELEMS"]
+__all__ = ["grid_mm", "e8p_mm", "hadamard", "grid_dense", "e8p_dense", "use_compiled", "TILE_ELEMS"]
 
 TILE_ELEMS = 1 << 20
 """Float32 elements of the decoded tile the CPU large-batch path multiplies with BLAS (4 MiB)."""
@@ -55,6 +55,10 @@ def _scratch(numel: int) -> Tensor:
 def _tiled(x: Tensor, m: int, n: int, decode) -> Tensor:  # noqa: ANN001 - decode(r0, r1, out) fills out
     rows = max(1, min(m, TILE_ELEMS // max(n, 1)))
     buf = _scratch(rows * n)
+    if rows == m:  # one tile holds F: no output slices to copy
+        tile = buf.view(m, n)
+        decode(0, m, tile)
+        return x @ (tile if x.dtype == torch.float32 else tile.to(x.dtype)).T
     y = torch.empty(x.shape[0], m, dtype=x.dtype)
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
@@ -114,10 +118,10 @@ def _hadamard_cpu(x: Tensor, pre: Tensor | None, post: Tensor | None, transpose:
     if b > 1:
         Hb = _base_on(b, torch.float32, torch.device("cpu"))
         Hb = Hb.T.contiguous() if transpose else Hb.contiguous()
-    y = x.to(torch.float32, copy=True).contiguous()
+    xf = x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous()
     pre = None if pre is None else pre.float().contiguous()
     post = None if post is None else post.float().contiguous()
-    cpu.hadamard(y, b, Hb, pre, post, 1.0 / math.sqrt(n))
+    y = cpu.hadamard(xf, b, Hb, pre, post, 1.0 / math.sqrt(n), out=torch.empty(x.shape, dtype=torch.float32))
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -182,3 +186,26 @@ def e8p_mm(x: Tensor, codes: Tensor, scale: Tensor) -> Tensor:
 def hadamard(x: Tensor, pre: Tensor | None, post: Tensor | None, transpose: bool = False) -> Tensor:
     """(Had_n (x ∘ pre) / √n) ∘ post over x (B, n) (``torch.ops.qlr.hadamard``)."""
     return torch.ops.qlr.hadamard(x, pre, post, transpose)
+
+
+def grid_dense(codes: Tensor, scale: Tensor, zero: Tensor | None, levels: Tensor | None, bits: int, n: int,
+               group_len: int, zero_const: float) -> Tensor:
+    """A whole (small) scalar-grid factor as float32 (m × n): the compiled decoder on CPU, else the reference. For
+    the low-rank factors (m × r), which a large-batch forward multiplies with one BLAS call."""
+    m = codes.shape[0]
+    if not use_compiled(codes) or scale.dtype not in _SCALE_KIND:
+        return reference.grid_decode(codes, scale, zero, levels, bits, n, group_len, zero_const, 0, m)
+    codes, scale = codes.contiguous(), scale.contiguous()
+    zero = None if zero is None else zero.contiguous()
+    sk, zk, lv = _grid_args(scale, zero, levels)
+    out = torch.empty(m, n, dtype=torch.float32)
+    return cpu.grid_decode(codes, scale, sk, zero, zk, zero_const, lv, bits, n, group_len or n, 0, m, out)
+
+
+def e8p_dense(codes: Tensor, scale: Tensor) -> Tensor:
+    """A whole (small) E8P factor as float32 (m × n): the compiled decoder on CPU, else the reference."""
+    stages, m, nb = codes.shape
+    if not use_compiled(codes):
+        return reference.e8p_decode(codes, scale, 0, m)
+    out = torch.empty(m, nb * 8, dtype=torch.float32)
+    return cpu.e8p_decode(codes.contiguous(), scale.float().contiguous(), 0, m, out)

@@ -81,6 +81,11 @@ class Codec(Protocol):
         :mod:`qlr.kernels` op; never a dense float F held whole)."""
         ...
 
+    def dense(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Tensor:
+        """The whole factor as float32 (m × n) by the fastest decoder at hand: for small factors (L), which a
+        large-batch forward multiplies with one BLAS call."""
+        ...
+
     def column_perm(self, bufs: Mapping[str, Tensor]) -> Tensor | None:
         """(n,) stored-to-original column map (stored column j is original column perm[j]), or None."""
         ...
@@ -181,6 +186,9 @@ class GridCodec:
     def matmul(self, x: Tensor, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Tensor:
         return ops.grid_mm(x, bufs["codes"], bufs["scale"], *self._args(bufs, meta))
 
+    def dense(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Tensor:
+        return ops.grid_dense(bufs["codes"], bufs["scale"], *self._args(bufs, meta))
+
     def cpu_factor(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> cpu.FactorPlan | None:
         return cpu.grid_factor(bufs["codes"], bufs["scale"], *self._args(bufs, meta))
 
@@ -242,6 +250,9 @@ class LatticeCodec:
     def matmul(self, x: Tensor, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Tensor:
         return ops.e8p_mm(x, bufs["codes"], bufs["scale"])
 
+    def dense(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Tensor:
+        return ops.e8p_dense(bufs["codes"], bufs["scale"])
+
     def cpu_factor(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> cpu.FactorPlan | None:
         return cpu.e8p_factor(bufs["codes"], bufs["scale"])
 
@@ -273,6 +284,9 @@ class DenseCodec:
 
     def matmul(self, x: Tensor, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Tensor:
         return x @ bufs["dense"].to(x.dtype).T
+
+    def dense(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Tensor:
+        return bufs["dense"].float()
 
     def cpu_factor(self, bufs: Mapping[str, Tensor], meta: Mapping[str, Any]) -> cpu.FactorPlan | None:
         return cpu.dense_factor(bufs["dense"])
@@ -498,8 +512,9 @@ class QLRLinear(nn.Module):
             y = self._matmul("q", xq)
         else:
             y = torch.zeros(x2.shape[0], m, dtype=dtype, device=x.device)
-        if self.rank > 0:
-            y = y + self._matmul("l", self._matmul("r", x2))
+        if self.rank > 0:  # y + (x Rᵀ) Lᵀ as one GEMM with accumulation; L is small (m × r)
+            L = codec_for(name=self.meta["l"]["codec"]).dense(self._bufs("l"), self.meta["l"])
+            y = y.addmm_(self._matmul("r", x2), L.to(dtype).T)
         if rotated:
             y = ops.hadamard(y, None, s_out, True)
         if self.meta["bias"] is not None:

@@ -29,6 +29,10 @@ static inline float hsum8(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+#else
 static inline float half_to_float(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
   if (exp == 0) {
@@ -46,6 +50,7 @@ static inline float half_to_float(uint16_t h) {
   }
   float f; memcpy(&f, &bits, 4); return f;
 }
+#endif
 
 static inline int threads_for(long work, int nthreads) {
   // below ~64k multiply-adds a parallel region costs more than it saves
@@ -219,8 +224,8 @@ static void grid_gemv_blocks(const Grid& g, const float* x, long ldx, float* y, 
   int nt = threads_for((long)g.m * g.n * B, nthreads);
   pfor(0, g.m, nt, [&](int i) {
     const uint32_t* w = g.codes + (long)i * g.words;
-    float tot[B];
-    for (int b = 0; b < B; b++) tot[b] = 0.f;
+    v8f tv[B];  // per-group sums scaled into vector accumulators: one horizontal sum per row, not per group
+    for (int b = 0; b < B; b++) tv[b] = (v8f){0, 0, 0, 0, 0, 0, 0, 0};
     for (int k = 0; k < g.groups; k++) {
       const int j0 = k * g.glen, j1 = j0 + g.glen < g.n ? j0 + g.glen : g.n;
       const float z = grid_zero(g, i, k), s = grid_scale(g, i, k);
@@ -235,10 +240,11 @@ static void grid_gemv_blocks(const Grid& g, const float* x, long ldx, float* y, 
           a[b] += (v0 * load8(xb) + v1 * load8(xb + 8)) + (v2 * load8(xb + 16) + v3 * load8(xb + 24));
         }
       }
-      for (int b = 0; b < B; b++) tot[b] += s * hsum8(a[b]);
+      for (int b = 0; b < B; b++) tv[b] += s * a[b];
     }
     for (int b = 0; b < B; b++) {
-      if (accumulate) y[b * ldy + i] += tot[b]; else y[b * ldy + i] = tot[b];
+      const float t = hsum8(tv[b]);
+      if (accumulate) y[b * ldy + i] += t; else y[b * ldy + i] = t;
     }
   });
 }
@@ -503,8 +509,23 @@ int qlr_e8p_decode(const int16_t* codes, int stages, const float* scales, int m,
 // H_p Sylvester's (butterflies) and H_b a dense b x b matrix given row-major (pass H_b^T for the transpose).
 // Row layout: x[i * p + j] is entry (i, j) of the b x p view; the butterflies run along j, H_b mixes along i.
 // ---------------------------------------------------------------------------------------------------------------
+// the first three butterfly levels (h = 1, 2, 4) of an 8-element block, in registers: lane l takes its partner
+// l ^ h and keeps v + partner (lower lane of the pair) or partner - v (upper lane)
+static inline v8f fwht8(v8f v) {
+  const v8i x1 = {1, 0, 3, 2, 5, 4, 7, 6}, x2 = {2, 3, 0, 1, 6, 7, 4, 5}, x4 = {4, 5, 6, 7, 0, 1, 2, 3};
+  const v8f s1 = {1, -1, 1, -1, 1, -1, 1, -1}, s2 = {1, 1, -1, -1, 1, 1, -1, -1}, s4 = {1, 1, 1, 1, -1, -1, -1, -1};
+  v = __builtin_shuffle(v, x1) + v * s1;
+  v = __builtin_shuffle(v, x2) + v * s2;
+  return __builtin_shuffle(v, x4) + v * s4;
+}
+
 static void fwht_inplace(float* v, int p) {
-  for (int h = 1; h < p; h <<= 1) {
+  int h = 1;
+  if (p >= 8) {
+    for (int j = 0; j < p; j += 8) store8(v + j, fwht8(load8(v + j)));
+    h = 8;
+  }
+  for (; h < p; h <<= 1) {
     if (h >= 8) {
       for (int s = 0; s < p; s += 2 * h) {
         for (int j = s; j < s + h; j += 8) {
@@ -523,8 +544,50 @@ static void fwht_inplace(float* v, int p) {
   }
 }
 
+// out (b x p) = H (b x b) @ v (b x p), row-major. Register-blocked: 4 rows of H by 16 columns per step when b % 4 == 0
+// and p % 16 == 0 (every dense Hadamard order is a multiple of 4), a plain loop otherwise.
+static void mix_rows(const float* H, int b, int p, const float* v, float* out) {
+  if (b % 4 == 0 && p % 16 == 0) {
+    for (int i0 = 0; i0 < b; i0 += 4) {
+      for (int j0 = 0; j0 < p; j0 += 16) {
+        v8f a00 = {0, 0, 0, 0, 0, 0, 0, 0}, a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+            a31 = a00;
+        for (int k = 0; k < b; k++) {
+          const v8f v0 = load8(v + (long)k * p + j0), v1 = load8(v + (long)k * p + j0 + 8);
+          const float h0 = H[(i0 + 0) * b + k], h1 = H[(i0 + 1) * b + k];
+          const float h2 = H[(i0 + 2) * b + k], h3 = H[(i0 + 3) * b + k];
+          a00 += h0 * v0; a01 += h0 * v1; a10 += h1 * v0; a11 += h1 * v1;
+          a20 += h2 * v0; a21 += h2 * v1; a30 += h3 * v0; a31 += h3 * v1;
+        }
+        float* o = out + (long)i0 * p + j0;
+        store8(o, a00); store8(o + 8, a01); store8(o + p, a10); store8(o + p + 8, a11);
+        store8(o + 2 * p, a20); store8(o + 2 * p + 8, a21); store8(o + 3 * p, a30); store8(o + 3 * p + 8, a31);
+      }
+    }
+    return;
+  }
+  for (int i = 0; i < b; i++) {
+    float* o = out + (long)i * p;
+    for (int j = 0; j < p; j++) o[j] = 0.f;
+    for (int k = 0; k < b; k++) {
+      const float h = H[i * b + k];
+      const float* src = v + (long)k * p;
+      for (int j = 0; j < p; j++) o[j] += h * src[j];
+    }
+  }
+}
+
+int qlr_hadamard_out(const float* src, long lds, float* x, int B, long ldx, int n, int b, const float* Hb,
+                     const float* pre, const float* post, float scale, int nthreads);
+
 int qlr_hadamard(float* x, int B, long ldx, int n, int b, const float* Hb, const float* pre, const float* post,
                  float scale, int nthreads) {
+  return qlr_hadamard_out(x, ldx, x, B, ldx, n, b, Hb, pre, post, scale, nthreads);
+}
+
+// as qlr_hadamard, reading rows of src (row stride lds) and writing x (src == x: in place)
+int qlr_hadamard_out(const float* src, long lds, float* x, int B, long ldx, int n, int b, const float* Hb,
+                     const float* pre, const float* post, float scale, int nthreads) {
   if (b < 1 || n % b) return -1;
   const int p = n / b;
   if (p & (p - 1)) return -1;
@@ -532,18 +595,12 @@ int qlr_hadamard(float* x, int B, long ldx, int n, int b, const float* Hb, const
   pfor(0, B, nt, [&](int r) {
     float* tmp = b > 1 ? scratch(4, (size_t)n) : NULL;
     float* v = x + (long)r * ldx;
-    if (pre) for (int j = 0; j < n; j++) v[j] *= pre[j];
+    const float* sv = src + (long)r * lds;
+    if (pre) { for (int j = 0; j < n; j++) v[j] = sv[j] * pre[j]; }
+    else if (sv != v) { memcpy(v, sv, sizeof(float) * n); }
     for (int i = 0; i < b; i++) fwht_inplace(v + (long)i * p, p);
     if (b > 1) {
-      for (int i = 0; i < b; i++) {
-        float* o = tmp + (long)i * p;
-        for (int j = 0; j < p; j++) o[j] = 0.f;
-        for (int k = 0; k < b; k++) {
-          const float h = Hb[i * b + k];
-          const float* src = v + (long)k * p;
-          for (int j = 0; j < p; j++) o[j] += h * src[j];
-        }
-      }
+      mix_rows(Hb, b, p, v, tmp);
       memcpy(v, tmp, sizeof(float) * n);
     }
     if (post) { for (int j = 0; j < n; j++) v[j] *= scale * post[j]; }
