@@ -32,6 +32,7 @@ int32 words: bit 1 = +1, bit 0 = −1).
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
@@ -450,13 +451,15 @@ class QLRLinear(nn.Module):
         s_out, s_in = self._signs()
         return Incoherence(s_out, s_in, self.meta["rotation"]["seed"])
 
-    def _fused_plan(self) -> tuple[cpu.QLayer, list] | None:
+    def _fused_plan(self) -> tuple[Any, int, Any] | None:
         """The fused CPU kernel's description of this layer (cached until a buffer is replaced or written in
         place), or None when a buffer is off the CPU or a codec has no CPU factor kernel."""
-        key = tuple((t.data_ptr(), t._version) for t in self._buffers.values() if t is not None)
         cached = self.__dict__.get("_plan_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        tensors = [t for t in self._buffers.values() if t is not None]
+        if cached is not None and len(cached[0]) == len(tensors) and all(
+                a is b and a._version == v and a.data_ptr() == p
+                for a, b, (v, p) in zip(cached[0], tensors, cached[1])):
+            return cached[2]
         plan = None
         if all(t.device.type == "cpu" for t in self._buffers.values() if t is not None):
             factors = {}
@@ -475,7 +478,9 @@ class QLRLinear(nn.Module):
                 signs = self._signs() if self.meta["rotation"] is not None else None
                 plan = cpu.layer_plan(self.out_features, self.in_features, self.rank, factors["q"], factors["l"],
                                       factors["r"], perm, signs, self.bias if self.meta["bias"] is not None else None)
-        self.__dict__["_plan_cache"] = (key, plan)
+        if plan is not None:  # the call with its pointers resolved once: (C function, &layer, keep-alive)
+            plan = (cpu.lib().qlr_layer_forward, ctypes.addressof(plan[0]), plan)
+        self.__dict__["_plan_cache"] = (tensors, [(t._version, t.data_ptr()) for t in tensors], plan)
         return plan
 
     def _matmul(self, f: str, x: Tensor) -> Tensor:
@@ -495,13 +500,16 @@ class QLRLinear(nn.Module):
             raise TypeError(f"QLRLinear expects a floating-point input, got {x.dtype}")
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, n)
-        if (x2.shape[0] <= cpu.GEMV_MAX_BATCH and x.device.type == "cpu" and cpu.lib() is not None
+        B = x2.shape[0]
+        if (B <= cpu.GEMV_MAX_BATCH and x.device.type == "cpu" and cpu.lib() is not None
                 and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()):
             plan = self._fused_plan()
             if plan is not None:  # the whole layer in one compiled call (no per-op Python overhead)
-                y = cpu.layer_forward(plan[0], x2.to(torch.float32).contiguous(),
-                                      torch.empty(x2.shape[0], m, dtype=torch.float32))
-                return y.to(dtype).reshape(*lead, m)
+                xf = x2 if dtype == torch.float32 and x2.is_contiguous() else x2.to(torch.float32).contiguous()
+                y = torch.empty(B, m, dtype=torch.float32)
+                if plan[0](plan[1], xf.data_ptr(), B, y.data_ptr(), torch.get_num_threads()) != 0:
+                    raise RuntimeError("qlr_layer_forward rejected its arguments (internal error)")
+                return (y if dtype == torch.float32 else y.to(dtype)).view(*lead, m)
         rotated = self.meta["rotation"] is not None
         if rotated:
             s_out, s_in = self._signs()
