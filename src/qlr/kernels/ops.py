@@ -9,8 +9,9 @@
 Arguments follow :mod:`qlr.kernels.reference`; ``x`` is (B, n) in float32, float16 or bfloat16 and results come back
 in x's dtype. On CPU with the compiled kernels (:mod:`qlr.kernels.cpu`): up to ``GEMV_MAX_BATCH`` rows run the fused
 decode + GEMV straight from the packed codes (float32 accumulation); more rows decode tiles of F into a reused
-float32 buffer and call BLAS. Elsewhere (CUDA, no compiler, ``QLR_KERNELS=torch``) the pure-torch reference runs.
-No dense float F is ever held whole.
+float32 buffer and call BLAS. On CUDA with Triton installed the products run :mod:`qlr.kernels.triton_kernels`
+(fused decode + GEMV, dequantize-tile GEMM). Elsewhere (no compiler, ``QLR_KERNELS=torch``, the rotation on CUDA)
+the pure-torch reference runs. No dense float F is ever held whole.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import threading
 import torch
 from torch import Tensor
 
-from qlr.kernels import cpu, reference
+from qlr.kernels import cpu, reference, triton_kernels
 from qlr.quant.hadamard import _base_on, _factor
 
 __all__ = ["grid_mm", "e8p_mm", "hadamard", "grid_dense", "e8p_dense", "use_compiled", "TILE_ELEMS"]
@@ -125,10 +126,25 @@ def _hadamard_cpu(x: Tensor, pre: Tensor | None, post: Tensor | None, transpose:
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+def _grid_mm_cuda(x: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None, levels: Tensor | None, bits: int,
+                  n: int, group_len: int, zero_const: float) -> Tensor:
+    if triton_kernels.usable(x) and triton_kernels.supports_grid(bits, n, group_len, levels):
+        return triton_kernels.grid_mm(x, codes, scale, zero, levels, bits, n, group_len, zero_const)
+    return reference.grid_mm(x, codes, scale, zero, levels, bits, n, group_len, zero_const)
+
+
+def _e8p_mm_cuda(x: Tensor, codes: Tensor, scale: Tensor) -> Tensor:
+    if triton_kernels.usable(x) and triton_kernels.supports_e8p(codes.shape[0], codes.shape[2] * 8):
+        return triton_kernels.e8p_mm(x, codes, scale)
+    return reference.e8p_mm(x, codes, scale)
+
+
 _lib.impl("grid_mm", _grid_mm_cpu, "CPU")
 _lib.impl("e8p_mm", _e8p_mm_cpu, "CPU")
 _lib.impl("hadamard", _hadamard_cpu, "CPU")
-# every other device: the reference (CUDA kernels plug in here)
+_lib.impl("grid_mm", _grid_mm_cuda, "CUDA")  # Triton kernels where triton is installed, else the reference
+_lib.impl("e8p_mm", _e8p_mm_cuda, "CUDA")
+# every other device (and the rotation on CUDA): the reference
 _lib.impl("grid_mm", reference.grid_mm, "CompositeExplicitAutograd")
 _lib.impl("e8p_mm", reference.e8p_mm, "CompositeExplicitAutograd")
 _lib.impl("hadamard", reference.hadamard, "CompositeExplicitAutograd")
