@@ -131,6 +131,13 @@ def test_inspect_two_bpw_figures_agree(saved: tuple[nn.Module, Path, torch.Tenso
         measured_bits = round(row["bits_per_weight_measured"] * n * mod.out_features)
         assert measured_bits == mod.storage_bits() + perm_extra
         assert "act_err" in row
+    # memory once loaded = the loaded model's tensors (tied ones once); the linears' share as stored
+    loaded = io.load(directory)
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in (*loaded.parameters(), *loaded.buffers())}
+    assert report["memory_bytes"] == sum(seen.values())
+    assert report["linear_bytes"] == sum(t.numel() * t.element_size() for m in qlr for n, t in m.named_buffers()
+                                         if n != "bias")
+    assert report["linear_fp32_bytes"] == 4 * weights
     json.dumps(report)
 
 

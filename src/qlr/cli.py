@@ -165,6 +165,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     print(f"{info['num_layers']} compressed linears, {info['num_weights']:,} weights; bits/weight computed "
           f"{info['bits_per_weight_meta']:.4f}, measured from file {info['bits_per_weight_measured']:.4f}; "
           f"checkpoint {info['total_bytes'] / 2**20:.1f} MiB")
+    print(f"memory once loaded: {info['memory_bytes'] / 2**20:.1f} MiB of tensors, of which the compressed linears "
+          f"{info['linear_bytes'] / 2**20:.1f} MiB (as fp32 nn.Linear: {info['linear_fp32_bytes'] / 2**20:.1f} MiB)")
     return 0
 
 

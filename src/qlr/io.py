@@ -347,6 +347,7 @@ def inspect(directory: str | Path, *, check_hashes: bool = True) -> dict[str, An
                      "bits_per_weight_meta": bits_meta / (m * n), "bits_per_weight_measured": bits_meas / (m * n),
                      **{k: v for k, v in layer.get("metrics", {}).items() if k != "bits_per_weight"}})
     total_bytes = sum(rec["bytes"] for rec in cfg["files"].values())
+    tensor_bytes = sum(h["data_offsets"][1] - h["data_offsets"][0] for h in header.values())
     return {
         "directory": str(directory),
         "format_version": cfg["format_version"], "qlr_version": cfg.get("qlr_version"),
@@ -356,4 +357,7 @@ def inspect(directory: str | Path, *, check_hashes: bool = True) -> dict[str, An
         "bits_per_weight_meta": tot_meta / tot_w if tot_w else math.nan,
         "bits_per_weight_measured": tot_meas / tot_w if tot_w else math.nan,
         "total_bytes": total_bytes, "layers": rows,
+        # resident tensor memory of the loaded model (tensors load as stored; tied ones once), and what the
+        # compressed linears would take as fp32 nn.Linear weights
+        "memory_bytes": tensor_bytes, "linear_bytes": tot_meas // 8, "linear_fp32_bytes": 4 * tot_w,
     }

@@ -95,6 +95,7 @@ def test_e8p_mm(m: int, n: int, batch: int, stages: int, scale_bits: int, kernel
 def test_large_batch_uses_several_tiles(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """512 rows (the BLAS path) with tiles of 7 rows of F, the last one partial."""
     monkeypatch.setattr(ops, "TILE_ELEMS", 7 * 200)
+    monkeypatch.setattr(ops, "TILE_MIN_ROWS", 1)
     monkeypatch.setattr(ops.reference, "TILE_ROWS", 7)
     qt = random_grid(30, 200, QuantSpec(bits=3, group_size=64))
     bufs, meta = GridCodec().encode(qt)

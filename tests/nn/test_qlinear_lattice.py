@@ -67,6 +67,7 @@ def test_forward_matches_dense(case: str, bias: bool, lead: tuple[int, ...], ker
                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Batch sizes 1, 3, 17 (fused GEMV / BLAS) and 512 (BLAS over several tiles of Q, the last one partial)."""
     monkeypatch.setattr(ops, "TILE_ELEMS", 24 * 128)
+    monkeypatch.setattr(ops, "TILE_MIN_ROWS", 1)
     monkeypatch.setattr(ops.reference, "TILE_ROWS", 24)
     dec = make_dec(**CASES[case])
     m, n = dec.shape
