@@ -213,3 +213,15 @@ def test_fused_path_sees_buffer_changes_and_grads(kernels: str) -> None:
     xd = x.double().requires_grad_()
     (xd @ W.T + mod.bias.double()).square().sum().backward()
     torch.testing.assert_close(xg.grad.double(), xd.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["rotation_lr_actorder", "nf4", "asym2"])
+def test_torch_compile_full_graph(case: str) -> None:
+    """The kernels are torch.library ops with fake kernels: a QLRLinear compiles into one graph (no breaks) and
+    gives the eager result."""
+    dec = make_dec(**CASES[case])
+    mod = QLRLinear.from_decomposition(dec, bias=torch.randn(dec.L_s.shape[0]))
+    x = torch.randn(3, dec.R_s.shape[1])
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), mod(x), rtol=1e-5, atol=1e-5)

@@ -194,3 +194,13 @@ def test_checkpoint_save_load_inspect(tmp_path: Path) -> None:
     for row, mod in zip(report["layers"], qlr):
         assert row["bits_per_weight_measured"] == pytest.approx(row["bits_per_weight_meta"], rel=1e-12)
         assert row["bits_per_weight_meta"] == pytest.approx(mod.bits_per_weight, rel=1e-12)
+
+
+def test_torch_compile_full_graph() -> None:
+    """E8P Q and lattice L/R under the rotation compile into one graph and give the eager result."""
+    dec = make_dec(stages=2, lr="e8p4", rotate=True)
+    mod = QLRLinear.from_decomposition(dec)
+    x = torch.randn(3, dec.shape[1])
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), mod(x), rtol=1e-5, atol=1e-5)

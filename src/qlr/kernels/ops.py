@@ -44,8 +44,8 @@ _local = threading.local()
 
 
 def use_compiled(x: Tensor) -> bool:
-    """Whether ``x`` (an activation) goes through the compiled CPU kernels."""
-    return x.device.type == "cpu" and cpu.lib() is not None
+    """Whether ``x`` goes through the compiled CPU kernels (never while torch.compile traces: it sees the ops)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and cpu.lib() is not None
 
 
 def _scratch(numel: int) -> Tensor:
