@@ -286,8 +286,14 @@ def main() -> None:
         result["model"] = bench_model(run, a.windows, a.new_tokens, reps=2 if a.quick else 5)
     name = "inference_quick" if a.quick else "inference"
     old = RESULTS / f"{name}.json"
-    if old.exists():  # a partial run (--layers-only / --model-only) keeps the other part of the last full run
+    if old.exists():  # a partial run (--layers-only / --model-only / --formats) keeps the rest of the last run
         prev = json.loads(old.read_text())
+        if "layers" in result and prev.get("layers"):
+            fresh = {(tuple(r["shape"]), r["format"]) for r in result["layers"]}
+            kept = [r for r in prev["layers"] if (tuple(r["shape"]), r["format"]) not in fresh]
+            result["layers"] = sorted(kept + result["layers"], key=lambda r: (
+                [list(s) for s in SHAPES].index(r["shape"]) if r["shape"] in [list(s) for s in SHAPES] else 99,
+                list(FORMATS).index(r["format"]) if r["format"] in FORMATS else 99))
         result = {**{k: prev[k] for k in ("layers", "model") if k in prev}, **result}
     print(f"wrote {write_result(name, result)}")
 

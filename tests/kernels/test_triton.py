@@ -39,6 +39,7 @@ from qlr.nn import GridCodec, LatticeCodec  # noqa: E402
 from qlr.quant.e8p import LatticeQuantizedTensor  # noqa: E402
 from qlr.quant.grid import QuantizedTensor, QuantSpec, nf_levels  # noqa: E402
 from qlr.quant.packing import pack  # noqa: E402
+from tests.kernels.factors import random_grid  # noqa: E402
 
 DEVICE = torch.device("cuda" if _CUDA else "cpu")
 
@@ -50,23 +51,6 @@ def _no_tf32() -> Iterator[None]:
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def random_grid(m: int, n: int, spec: QuantSpec, zero: str = "int", seed: int = 0) -> QuantizedTensor:
-    """Random codes / scales / zeros on ``spec``'s grid; ``zero="frac"`` gives non-integer zeros (stored fp16)."""
-    g = torch.Generator().manual_seed(seed)
-    groups = spec.groups(n)
-    codes = torch.randint(0, 2**spec.bits, (m, n), generator=g).to(torch.uint8)
-    scale = (torch.rand(m, groups, generator=g) + 0.25).half().float()
-    if spec.scale_bits == 8:
-        scale = torch.exp2(torch.randint(-6, 2, (m, groups), generator=g).float())
-    if spec.fmt == "nf" or spec.symmetric:
-        z = torch.full((m, groups), float((spec.maxq + 1) // 2))
-    elif zero == "frac":
-        z = (torch.rand(m, groups, generator=g) * spec.maxq).half().float()
-    else:
-        z = torch.randint(0, 2**spec.bits, (m, groups), generator=g).float()
-    return QuantizedTensor(codes, scale, z, spec)
 
 
 def grid_args(qt: QuantizedTensor) -> tuple:
