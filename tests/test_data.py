@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import tarfile
@@ -123,7 +124,38 @@ def test_load_text_missing_and_empty_dir(tmp_path: Path) -> None:
         load_text(str(tmp_path))
 
 
-# --- built-in corpora -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, payload", [("model.gguf", b"GGUF\x03\x00" + bytes(range(128, 256))),
+                                           ("nul.txt", b"plain ascii\x00\x00 with NUL bytes")])
+def test_load_text_binary_file_is_named(tmp_path: Path, name: str, payload: bytes) -> None:
+    path = tmp_path / name
+    path.write_bytes(payload)
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} is not a UTF-8 text file \\(it looks binary"):
+        load_text(str(path))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "bad.txt").write_bytes(payload)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "d" / "bad.txt"))):
+        load_text(str(tmp_path / "d"))
+
+
+def test_load_text_binary_jsonl_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "dump.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n' + bytes(range(128, 256)))
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} is not a UTF-8 text file"):
+        load_text(str(path))
+
+
+# --- long texts: windows from spans, not from the whole tokenisation ---------------------------------------------
+
+
+class _CountingTokenizer:
+    """The byte tokenizer, counting how many characters it was asked to tokenise."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.chars = inner, 0
+
+    def __call__(self, text, **kwargs):
+        self.chars += len(text)
+        return self.inner(text, **kwargs)
 
 
 def test_checksum_mismatch_removes_tarball(cache: Path) -> None:

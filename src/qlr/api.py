@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from . import io as _io
-from .calibration.pipeline import CompressionPlan, compress_blocks
+from .calibration.pipeline import CompressionPlan, check_model, compress_blocks
 from .data import calibration_batches, load_text, text_hash
 from .models.loading import load_model
 
-__all__ = ["compress", "save", "load", "load_tokenizer"]
+__all__ = ["compress", "save", "load", "load_tokenizer", "check_device"]
 
 
 def compress(model_or_path: nn.Module | str | os.PathLike[str], method: str = "odlri", bits: int = 2,
@@ -46,26 +46,40 @@ def compress(model_or_path: nn.Module | str | os.PathLike[str], method: str = "o
 
     Returns:
         The model, layers replaced in place; ``model.qlr_info`` describes the run and holds per-layer metrics.
+
+    Raises:
+        ValueError: before any calibration work, for an invalid plan (method, options, bits, rank, budget, layer
+            pattern), an unknown device, unreadable calibration text, a selected weight that is meta, empty,
+            non-finite or all zero (the message names the layer), or a ``budget`` below what Q alone costs (the
+            message states the smallest feasible budget); during the run, for a layer whose calibration statistics
+            are unusable (named in the message).
     """
+    plan = CompressionPlan(method=method, bits=bits, rank=rank, budget=budget, layers=layers,
+                           options=dict(method_options))
+    plan.check()
+    if device is not None:
+        device = check_device(device)
+    text: str | None = None
+    if not isinstance(calibration, torch.Tensor):  # read (and validate) the text before loading the model
+        text = "\n\n".join(calibration) if isinstance(calibration, list) else load_text(calibration)
     if isinstance(model_or_path, nn.Module):
         model = model_or_path
-        if tokenizer is None and not isinstance(calibration, torch.Tensor):
+        if tokenizer is None and text is not None:
             raise ValueError("pass tokenizer= when giving a model object with text calibration")
     else:
         model, tok = load_model(model_or_path)
         tokenizer = tokenizer or tok
     if device is not None:
         model.to(device)
-    if isinstance(calibration, torch.Tensor):
+    check_model(model, plan)  # selection, weights, ranks and budget: before tokenising and calibrating
+    if text is None:
+        assert isinstance(calibration, torch.Tensor)
         ids, calib_hash = calibration.long(), text_hash(str(calibration.tolist()))
         if ids.dim() == 1:
             ids = ids[None]
     else:
-        text = "\n\n".join(calibration) if isinstance(calibration, list) else load_text(calibration)
         calib_hash = text_hash(text)
         ids = calibration_batches(tokenizer, text, calib_samples, seqlen, seed)
-    plan = CompressionPlan(method=method, bits=bits, rank=rank, budget=budget, layers=layers,
-                           options=dict(method_options))
     t0 = time.perf_counter()
     metrics = compress_blocks(model, ids, plan, batch_size=batch_size, work_dir=work_dir, resume=resume,
                               progress=progress, seed=seed, log=log)
@@ -80,6 +94,17 @@ def compress(model_or_path: nn.Module | str | os.PathLike[str], method: str = "o
         "bits_per_weight": bpw, "seconds": time.perf_counter() - t0, "layer_metrics": metrics,
     }
     return model
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device; ValueError for a malformed name or an accelerator that is not available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r} ({err})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
+    return dev
 
 
 def save(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:

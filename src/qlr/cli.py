@@ -10,17 +10,71 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit status 2), like every other qlr error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after every option's help, except where there is nothing to show (None, a flag's
+    False); those options say what they default to in their own words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _rank(s: str) -> int | float:
-    v = float(s)
-    return int(v) if v.is_integer() and v >= 1 else v
+    """--rank: an integer >= 0, or a fraction of min(m, n) in (0, 1)."""
+    try:
+        v = float(s)
+    except ValueError:
+        v = math.nan
+    if v.is_integer() and v >= 0:
+        return int(v)
+    if 0 < v < 1:
+        return v
+    raise argparse.ArgumentTypeError(f"expected an integer rank >= 0 (e.g. 64) or a fraction of min(m, n) in "
+                                     f"(0, 1) (e.g. 0.05), got {s!r}")
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            v = minimum - 1
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {s!r}")
+        return v
+
+    return parse
+
+
+def _bits_per_weight(s: str) -> float:
+    """--budget: a positive, finite number of bits per weight."""
+    try:
+        v = float(s)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of bits per weight (e.g. 2.5), got {s!r}")
+    return v
 
 
 def _value(s: str) -> Any:
@@ -36,7 +90,7 @@ def _options(pairs: list[str]) -> dict[str, Any]:
     out = {}
     for p in pairs or []:
         if "=" not in p:
-            raise SystemExit(f"--opt expects KEY=VALUE, got {p!r}")
+            raise ValueError(f"--opt expects KEY=VALUE, got {p!r}")
         k, v = p.split("=", 1)
         out[k.replace("-", "_")] = _value(v)
     return out
@@ -69,23 +123,52 @@ def cmd_methods(_: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out(out: Path, resume: bool) -> None:
+    """Refuse, before any work, an ``--out`` that the final save would refuse or that would lose data: an existing
+    file, or a non-empty directory. With ``--resume`` a directory holding an earlier qlr checkpoint is allowed (it
+    is replaced, as the save does); the unfinished layers themselves live in OUT.partial."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is an existing file; choose a new or empty directory")
+    if out.is_dir() and any(out.iterdir()):
+        from qlr.io import CONFIG_NAME
+
+        if not resume:
+            raise ValueError(f"--out {str(out)!r} is a non-empty directory; choose a new or empty directory, or "
+                             "delete it")
+        if not (out / CONFIG_NAME).is_file():
+            raise ValueError(f"--out {str(out)!r} is a non-empty directory that is not a qlr checkpoint; choose a "
+                             "new or empty directory")
+    work = out.with_name(out.name + ".partial")
+    if work.exists() and not resume:
+        raise ValueError(f"{work} holds layers of an unfinished run: pass --resume to continue it, or delete it")
+
+
 def cmd_compress(a: argparse.Namespace) -> int:
+    out = Path(a.out)
+    work = out.with_name(out.name + ".partial")
+    _check_out(out, a.resume)  # first, before the heavy imports
+
     import torch
 
     import qlr
+    from qlr.api import check_device
+    from qlr.calibration.pipeline import CompressionPlan
+    from qlr.data import load_text
     from qlr.models.loading import load_model
 
-    out = Path(a.out)
-    work = out.with_name(out.name + ".partial")
-    if work.exists() and not a.resume:
-        raise SystemExit(f"{work} holds layers of an unfinished run: pass --resume to continue it, or delete it")
-    torch.manual_seed(a.seed)
-    model, tok = load_model(a.model)
     opts = _options(a.opt)
     if a.lr_bits is not None:
         opts["lr_bits"] = a.lr_bits
     if a.group_size is not None:
         opts["group_size"] = a.group_size
+    # everything that does not need the model, before loading it (qlr.compress checks the rest before calibrating)
+    CompressionPlan(method=a.method, bits=a.bits, rank=a.rank, budget=a.budget, layers=a.layers,
+                    options=dict(opts)).check()
+    if a.device is not None:
+        check_device(a.device)
+    load_text(a.calib_text)
+    torch.manual_seed(a.seed)
+    model, tok = load_model(a.model)
     t0 = time.perf_counter()
     model = qlr.compress(model, a.method, a.bits, a.rank, tokenizer=tok, calibration=a.calib_text,
                          calib_samples=a.calib_samples, seqlen=a.seqlen, layers=a.layers, budget=a.budget,
@@ -212,30 +295,57 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qlr", description="Compress LLM weights as W ≈ Q + L R.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _method_help() -> str:
+    from qlr.decompose.base import methods
 
-    c = sub.add_parser("compress", help="compress a causal LM and save a checkpoint")
+    return ("decomposition method, one of: " + ", ".join(methods()) +
+            " ('rtn' and 'gptq' are Q only; see 'qlr methods' for each one's options)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qlr", description="Compress LLM weights as W ≈ Q + L R.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    fmt = _HelpFormatter
+
+    c = sub.add_parser("compress", help="compress a causal LM and save a checkpoint", formatter_class=fmt,
+                       description="Compress every selected decoder linear of a causal LM into W ≈ Q + L R and "
+                                   "save the checkpoint to OUT. All options are checked before any work starts.")
     c.add_argument("--model", default="smollm2-135m", help="built-in name, HF directory or .gguf file")
-    c.add_argument("--method", default="odlri")
-    c.add_argument("--bits", type=int, default=2)
-    c.add_argument("--rank", type=_rank, default=None, help="integer, or a fraction of min(m, n) such as 0.05")
-    c.add_argument("--budget", type=float, default=None, help="all-in bits/weight; picks the rank per layer")
-    c.add_argument("--group-size", type=int, default=None)
-    c.add_argument("--lr-bits", type=int, default=None, choices=[16, 8, 4, 3, 2])
-    c.add_argument("--calib-text", default="sotu", help="built-in corpus (sotu) or a local text file")
-    c.add_argument("--calib-samples", type=int, default=64)
-    c.add_argument("--seqlen", type=int, default=512)
-    c.add_argument("--layers", default=None, help="regex over linear names (default: all decoder linears)")
-    c.add_argument("--device", default=None)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
-    c.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. outer_iters=5")
-    c.add_argument("--out", required=True)
+    c.add_argument("--method", default="odlri", help=_method_help())
+    c.add_argument("--bits", type=_count(1), default=2,
+                   help="code width of Q in bits (at 2 bits, caldera/odlri use the E8P lattice where the shape "
+                        "allows it)")
+    c.add_argument("--rank", type=_rank, default=None,
+                   help="rank of L R: an integer, or a fraction of min(m, n) such as 0.05 (default: the method's, "
+                        "64 for most Q + L R methods, 16 for loftq, 0 for rtn/gptq); ignored when --budget is given")
+    c.add_argument("--budget", type=_bits_per_weight, default=None,
+                   help="all-in bits/weight (Q codes, scales, signs and L, R): picks the rank per layer; must be at "
+                        "least what Q alone costs, and the error says the smallest feasible value (default: none, "
+                        "the rank comes from --rank)")
+    c.add_argument("--group-size", type=_count(0), default=None,
+                   help="input columns per scale/zero group of Q's scalar grid, 0 = whole row (default: the "
+                        "method's, 64)")
+    c.add_argument("--lr-bits", type=int, default=None, choices=[16, 8, 4, 3, 2],
+                   help="storage precision of L and R, 16 = fp16 (default: the method's, 4 for caldera/odlri, "
+                        "16 otherwise)")
+    c.add_argument("--calib-text", default="sotu",
+                   help="calibration text: built-in corpus (sotu) or a local UTF-8 .txt file, directory of .txt "
+                        "files or .jsonl with a 'text' field")
+    c.add_argument("--calib-samples", type=_count(1), default=64, help="number of calibration windows")
+    c.add_argument("--seqlen", type=_count(1), default=512, help="tokens per calibration window")
+    c.add_argument("--layers", default=None,
+                   help="regex over linear names such as 'mlp\\.' (default: all decoder linears)")
+    c.add_argument("--device", default=None, help="where to run, e.g. cpu or cuda (default: where the model loads)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and of every method")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT.partial (and allow replacing a checkpoint in OUT)")
+    c.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                   help="method option, repeatable, e.g. --opt outer_iters=5 (see 'qlr methods')")
+    c.add_argument("--out", required=True,
+                   help="checkpoint directory to create: must not exist or be empty (unless --resume)")
     c.set_defaults(fn=cmd_compress)
 
-    e = sub.add_parser("eval", help="perplexity and per-layer report of a checkpoint")
+    e = sub.add_parser("eval", help="perplexity and per-layer report of a checkpoint", formatter_class=fmt)
     e.add_argument("checkpoint")
     e.add_argument("--text", default="moby-dick", help="built-in corpus (moby-dick) or a local text file")
     e.add_argument("--seqlen", type=int, default=512)
@@ -253,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
 
-    d = sub.add_parser("demo", help="FP vs RTN vs ODLRI on SmolLM2 at ~2.5 bits/weight")
+    d = sub.add_parser("demo", help="FP vs RTN vs ODLRI on SmolLM2 at ~2.5 bits/weight", formatter_class=fmt)
     d.add_argument("--quick", action="store_true", help="fewer windows, samples and iterations")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--calib-text", default="sotu")
@@ -266,12 +376,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from qlr.data import CorpusError
+
+    return (ValueError, OSError, ImportError, CorpusError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line. A user error (bad option, path or data; ValueError, OSError, ImportError or
+    CorpusError) prints one line ``qlr CMD: error: ...`` on stderr and returns 2, without a traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        print(f"qlr {args.cmd}: error: {err}", file=sys.stderr)
+    except _user_errors() as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"qlr {args.cmd}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -216,7 +216,33 @@ def load_builtin(name: str) -> str:
     return text
 
 
+def _not_text(path: Path, why: str) -> ValueError:
+    return ValueError(
+        f"{path} is not a UTF-8 text file ({why}); calibration and evaluation text must be a UTF-8 .txt file, "
+        "a directory of .txt files or a .jsonl with a 'text' field"
+    )
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text (UTF-8, universal newlines); ValueError naming the file when it is not UTF-8 text or
+    holds NUL bytes (a binary file that happens to decode)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_text(path, f"it looks binary: {err.reason}, byte 0x{err.object[err.start]:02x}") from None
+    if "\x00" in text:
+        raise _not_text(path, "it looks binary: it contains NUL bytes")
+    return text
+
+
 def _read_jsonl(path: Path) -> str:
+    try:
+        return _jsonl_texts(path)
+    except UnicodeDecodeError as err:
+        raise _not_text(path, f"it looks binary: {err.reason}, byte 0x{err.object[err.start]:02x}") from None
+
+
+def _jsonl_texts(path: Path) -> str:
     texts: list[str] = []
     with path.open(encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, 1):
@@ -239,7 +265,8 @@ def load_text(source: str | os.PathLike[str]) -> str:
     A path may be a text file (read as UTF-8), a directory (its ``*.txt`` files, recursively, sorted by
     relative path, joined by blank lines) or a ``.jsonl`` file (the ``"text"`` field of each line, as in
     WikiText/C4 dumps, joined by blank lines). Raises ``FileNotFoundError`` for a missing path and
-    ``ValueError`` for empty text.
+    ``ValueError`` for empty text or a file that is not UTF-8 text (binary: undecodable bytes or NUL bytes; the
+    message names the file).
     """
     if isinstance(source, str) and source in BUILTIN_CORPORA:
         text = load_builtin(source)
@@ -254,11 +281,11 @@ def load_text(source: str | os.PathLike[str]) -> str:
             files = sorted(path.rglob("*.txt"), key=lambda p: p.relative_to(path).as_posix())
             if not files:
                 raise ValueError(f"directory {path} contains no .txt files")
-            text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+            text = "\n\n".join(_read_utf8(f) for f in files)
         elif path.suffix == ".jsonl":
             text = _read_jsonl(path)
         else:
-            text = path.read_text(encoding="utf-8")
+            text = _read_utf8(path)
     if not text.strip():
         raise ValueError(f"text source {str(source)!r} is empty")
     return text

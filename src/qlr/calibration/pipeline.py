@@ -14,9 +14,10 @@ recomputing, and yields the same model as an uninterrupted run with the same see
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,27 +27,19 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..decompose.base import decompose, make_config
+from ..decompose.base import decompose, get_method, make_config, resolve_rank, validate_weight
 from ..io import replace_linear
 from ..models.registry import arch_spec, get_blocks
 from ..nn.qlinear import QLRLinear
 from ..quant.grid import QuantSpec
 from .hessian import HessianAccumulator
 
-__all__ = ["CompressionPlan", "capture_block_inputs", "compress_blocks", "resolve_rank", "budget_rank"]
+__all__ = ["CompressionPlan", "capture_block_inputs", "compress_blocks", "resolve_rank", "budget_rank",
+           "select_linears", "check_model"]
 
 
 class _Stop(Exception):
     pass
-
-
-def resolve_rank(rank: int | float, m: int, n: int) -> int:
-    """An integer rank from ``rank``: an int as is, a float in (0, 1) as a fraction of min(m, n) (rounded)."""
-    if isinstance(rank, float) and not rank.is_integer():
-        if not 0 < rank < 1:
-            raise ValueError(f"a fractional rank must be in (0, 1), got {rank}")
-        return max(1, round(rank * min(m, n)))
-    return int(rank)
 
 
 def budget_rank(budget: float, q_bpw: float, m: int, n: int, lr_bits: int, lr_group: int) -> int:
@@ -71,7 +64,10 @@ def budget_rank(budget: float, q_bpw: float, m: int, n: int, lr_bits: int, lr_gr
 @dataclass
 class CompressionPlan:
     """What to do to every selected linear: method, bits, rank (int, fraction or per-layer by ``budget``), and
-    method options. ``layers`` is a regex over model-relative linear names (None = every decoder linear)."""
+    method options. ``layers`` is a regex over model-relative linear names (None = every decoder linear).
+
+    :meth:`check` validates everything that does not depend on the model, :meth:`check_shapes` what does (ranks
+    and the budget per weight shape); :func:`check_model` runs both on a model before any calibration."""
 
     method: str = "odlri"
     bits: int = 2
@@ -80,29 +76,132 @@ class CompressionPlan:
     layers: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
+    def check(self) -> None:
+        """Raise ValueError for an unknown method or option, unsupported ``bits``/options (the method's config
+        validates them), a ``rank`` that is neither an integer >= 0 nor a fraction in (0, 1), a non-positive
+        ``budget``, or a ``layers`` pattern that is not a valid regular expression."""
+        get_method(self.method)
+        if "rank" in self.options:
+            raise ValueError("pass the rank as rank=/--rank, not as a method option")
+        if self.rank is not None:
+            resolve_rank(self.rank, 1 << 20, 1 << 20)  # type and range only; the shape comes later
+        if self.budget is not None and not (isinstance(self.budget, (int, float)) and math.isfinite(self.budget)
+                                            and self.budget > 0):
+            raise ValueError(f"budget must be a positive number of bits per weight, got {self.budget!r}")
+        make_config(self.method, bits=self.bits, **self.options)
+        if self.layers:
+            try:
+                re.compile(self.layers)
+            except re.error as err:
+                raise ValueError(f"the layer pattern {self.layers!r} is not a valid regular expression: {err}"
+                                 ) from None
+
+    def _layer_config(self, m: int, n: int) -> Any:
+        cfg = make_config(self.method, bits=self.bits, **self.options)
+        if hasattr(cfg, "resolve"):  # "auto" quantizers: what this shape gets (budget ranks are multiples of 8)
+            cfg = cfg.resolve(m, n)
+        return cfg
+
+    def q_bits_per_weight(self, m: int, n: int) -> float:
+        """What Q alone costs for an m × n weight under this plan, in bits per weight: its codes plus per-group
+        scales/zeros (scalar grids) or 16 bits per 8 weights plus one fp16 scale (E8P), plus the incoherence
+        sign vectors (m + n bits) when the rotation is on. The cost model :meth:`rank_for` spends a budget with;
+        the smallest feasible ``budget`` for the layer."""
+        from ..decompose.common import q_spec
+
+        cfg = self._layer_config(m, n)
+        lattice_q = getattr(cfg, "q_quantizer", "") == "e8p"
+        signs = (m + n) if getattr(cfg, "use_incoherence", False) else 0
+        # E8P: 16 bits per 8 weights plus one fp16 scale; scalar grids: codes + per-group scale/zero
+        q_bits = 2 * m * n + 16 if lattice_q else q_spec(cfg).bits_per_weight(n) * m * n
+        return (q_bits + signs) / (m * n)
+
     def rank_for(self, m: int, n: int) -> int | None:
         if self.method in ("rtn", "gptq"):
             return None  # Q-only methods
         if self.budget is not None:
-            cfg = make_config(self.method, bits=self.bits, **{k: v for k, v in self.options.items()})
-            if hasattr(cfg, "resolve"):  # "auto" quantizers: what this shape gets (budget ranks are multiples of 8)
-                cfg = cfg.resolve(m, n)
-            from ..decompose.common import q_spec
-
-            lattice_q = getattr(cfg, "q_quantizer", "") == "e8p"
-            lattice_lr = getattr(cfg, "lr_quantizer", "") == "e8p4"
-            signs = (m + n) if getattr(cfg, "use_incoherence", False) else 0
-            # E8P: 16 bits per 8 weights plus one fp16 scale; scalar grids: codes + per-group scale/zero
-            q_bits = 2 * m * n + 16 if lattice_q else q_spec(cfg).bits_per_weight(n) * m * n
-            q_bpw = (q_bits + signs) / (m * n)
+            cfg = self._layer_config(m, n)
+            q_bpw = self.q_bits_per_weight(m, n)
             lr_bits = getattr(cfg, "lr_bits", 16)
-            if lattice_lr:  # 4 bits per entry + 2 fp16 scales per factor; the rank must be a multiple of 8
+            if getattr(cfg, "lr_quantizer", "") == "e8p4":
+                # 4 bits per entry + 2 fp16 scales per factor; the rank must be a multiple of 8
                 spare = (self.budget - q_bpw) * m * n - 4 * 16
                 return max(0, min(min(m, n), int(spare // (4 * (m + n)))) // 8 * 8)
             return budget_rank(self.budget, q_bpw, m, n, lr_bits, getattr(cfg, "lr_group_size", 64))
         if self.rank is None:
             return None
         return resolve_rank(self.rank, m, n)  # an integer rank above min(m, n) is an error, not clamped
+
+    def check_shapes(self, shapes: Mapping[str, tuple[int, int]]) -> None:
+        """Raise ValueError, naming the layer, when the plan cannot be carried out on these weights
+        ({name: (out, in)}): an integer rank above a layer's min(m, n), a rank the method refuses for a layer
+        (e.g. not a multiple of 8 for E8P factors), or a ``budget`` below what Q alone costs.
+
+        The budget is checked for the whole model: the smallest feasible budget is the largest per-layer
+        Q-only cost (:meth:`q_bits_per_weight`), so that every layer fits; the message states it (rounded up to
+        3 decimals) and the layer that sets it."""
+        if self.budget is not None:
+            costs = {name: self.q_bits_per_weight(m, n) for name, (m, n) in shapes.items()}
+            if costs:
+                worst = max(costs, key=costs.__getitem__)
+                need = costs[worst]
+                if self.budget < need:
+                    floor = math.ceil(need * 1000) / 1000
+                    scope = "this model" if not self.layers else "the selected layers"
+                    raise ValueError(
+                        f"budget {float(self.budget)} bits/weight is below what Q alone costs with method "
+                        f"{self.method!r} at {self.bits} bits (codes, scales/zeros, rotation signs): the smallest "
+                        f"feasible budget for {scope} is {floor:.3f} (set by {worst}, "
+                        f"{shapes[worst][0]} × {shapes[worst][1]}); raise --budget/budget= to at least that")
+        for name, (m, n) in shapes.items():
+            try:
+                rank = self.rank_for(m, n)
+                if rank is None:
+                    continue
+                if rank > min(m, n):
+                    raise ValueError(f"rank={rank} is larger than min(m, n) = {min(m, n)} for a {m} × {n} weight; "
+                                     "use a smaller rank or a fractional rank")
+                make_config(self.method, bits=self.bits, rank=rank, **self.options)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+
+
+def select_linears(model: nn.Module, plan: CompressionPlan) -> dict[str, nn.Linear]:
+    """The decoder linears ``plan`` compresses, by model-relative name, in pipeline order. Raises ValueError when
+    the pattern selects none (or the architecture is unsupported)."""
+    spec = arch_spec(model)
+    blocks = get_blocks(model, spec)
+    pattern = re.compile(plan.layers) if plan.layers else None
+    out: dict[str, nn.Linear] = {}
+    for b, block in enumerate(blocks):
+        prefix = f"{spec.blocks}.{b}."
+        for grp in spec.linear_groups:
+            for n in grp:
+                if pattern is not None and not pattern.search(prefix + n):
+                    continue
+                mod = block.get_submodule(n)
+                if isinstance(mod, nn.Linear):
+                    out[prefix + n] = mod
+    if not out:
+        raise ValueError(f"the layer pattern {plan.layers!r} selects no decoder linear; names look like "
+                         f"'{spec.blocks}.0.{spec.linears[0]}'")
+    return out
+
+
+def check_model(model: nn.Module, plan: CompressionPlan) -> dict[str, nn.Linear]:
+    """Everything that can be checked before calibration, cheaply, with errors naming the layer: the plan
+    (:meth:`CompressionPlan.check`), the layer selection, each selected weight (:func:`~qlr.decompose.base.
+    validate_weight`: meta, empty, non-finite, all-zero) and the ranks and budget for their shapes
+    (:meth:`CompressionPlan.check_shapes`). Returns the selected linears."""
+    plan.check()
+    linears = select_linears(model, plan)
+    for name, lin in linears.items():
+        try:
+            validate_weight(lin.weight.detach())
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    plan.check_shapes({name: (lin.out_features, lin.in_features) for name, lin in linears.items()})
+    return linears
 
 
 @torch.no_grad()
@@ -179,29 +278,26 @@ def compress_blocks(model: nn.Module, input_ids: Tensor, plan: CompressionPlan, 
                     work_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
                     seed: int = 0, log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
     """Compress ``model`` in place, block by block (see module docstring). Returns per-layer metrics
-    {name: {act_err, bits_per_weight, rank, seconds, history, ...}}."""
+    {name: {act_err, bits_per_weight, rank, seconds, history, ...}}.
+
+    Before any calibration work, :func:`check_model` validates the plan, the selection, every selected weight and
+    the ranks/budget for their shapes. Errors found later (a layer's calibration statistics H, checked by
+    :func:`~qlr.decompose.decompose`) are raised as ValueError prefixed with the layer name, e.g.
+    ``"model.layers.0.mlp.up_proj: H is all zeros ..."``."""
     spec = arch_spec(model)
     blocks = get_blocks(model, spec)
     wd = Path(work_dir) if work_dir is not None else None
     if resume and wd is None:
         raise ValueError("resume=True needs a work directory holding the finished layers")
-    pattern = re.compile(plan.layers) if plan.layers else None
+    selected = check_model(model, plan)  # before any calibration work; errors name the layer
     inputs, kwargs_list = capture_block_inputs(model, input_ids, batch_size)
     metrics: dict[str, dict[str, Any]] = {}
-    selected_any = False
     bar = tqdm(total=len(blocks), desc="blocks", disable=not progress, unit="block")
     for b, block in enumerate(blocks):
         prefix = f"{spec.blocks}.{b}."
-        groups = [[n for n in grp if pattern is None or pattern.search(prefix + n)] for grp in spec.linear_groups]
-        groups = [g for g in groups if g]
-        todo = {}
-        for grp in groups:
-            for n in grp:
-                mod = block.get_submodule(n)
-                if isinstance(mod, nn.Linear):
-                    todo[n] = grp[0]
+        groups = [[n for n in grp if prefix + n in selected] for grp in spec.linear_groups]
+        todo = {n: grp[0] for grp in groups if grp for n in grp}  # linear -> the group member H is captured at
         if todo:
-            selected_any = True
             reloaded = {}
             if resume:
                 for n in todo:
@@ -238,8 +334,19 @@ def compress_blocks(model: nn.Module, input_ids: Tensor, plan: CompressionPlan, 
                     opts = dict(plan.options)
                     if rank is not None:
                         opts["rank"] = rank
-                    dec = decompose(W, H.to(W.device), plan.method, plan.bits, mean_abs=mean_abs.to(W.device),
-                                    name=name, seed=seed, **opts)
+                    try:
+                        dec = decompose(W, H.to(W.device), plan.method, plan.bits, mean_abs=mean_abs.to(W.device),
+                                        seed=seed, **opts)
+                    except ValueError as err:  # bad calibration statistics of this layer: say which layer
+                        layer_bar.close()  # before the caller prints the error
+                        bar.close()
+                        raise ValueError(f"{name}: {err}") from err
+                    except torch.linalg.LinAlgError as err:
+                        layer_bar.close()
+                        bar.close()
+                        raise ValueError(f"{name}: a factorisation failed in {plan.method} ({err}); the "
+                                         "calibration statistics of this layer are degenerate: try more "
+                                         "calibration samples or more damping (e.g. damp=0.05)") from err
                     secs = time.perf_counter() - t0
                     bias = lin.bias.detach() if lin.bias is not None else None
                     module = QLRLinear.from_decomposition(dec, bias).to(lin.weight.device)
@@ -260,7 +367,4 @@ def compress_blocks(model: nn.Module, input_ids: Tensor, plan: CompressionPlan, 
             inputs = _run_block(block, inputs, kwargs_list)
         bar.update(1)
     bar.close()
-    if not selected_any:
-        raise ValueError(f"the layer pattern {plan.layers!r} selects no decoder linear; names look like "
-                         f"'{spec.blocks}.0.{spec.linears[0]}'")
     return metrics

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Quantized", "Decomposition", "MethodConfig", "register", "methods", "get_method", "decompose",
-           "validate_inputs"]
+           "validate_inputs", "validate_weight", "validate_hessian", "resolve_rank", "PSD_TOL"]
 
 
 class Quantized(Protocol):
@@ -178,31 +179,135 @@ def make_config(method: str, **options: Any) -> Any:
 
 
 # ---- validation -----------------------------------------------------------------------------------------------
-def validate_inputs(W: Tensor, H: Tensor, rank: int, mean_abs: Tensor | None = None, name: str = "") -> None:
-    """Raise a ValueError naming the problem (and the layer, when ``name`` is given) for unusable inputs."""
-    where = f" in layer {name!r}" if name else ""
+PSD_TOL = 1e-6
+"""Relative tolerance of the positive-semidefiniteness test of H (see :func:`validate_hessian`)."""
+
+
+def _where(name: str) -> str:
+    return f" in layer {name!r}" if name else ""
+
+
+def resolve_rank(rank: object, m: int, n: int, name: str = "") -> int:
+    """An integer rank from ``rank`` for an m × n weight.
+
+    Accepted: an integer >= 0 (Python or NumPy int, not a bool), taken as is; a float strictly between 0 and 1,
+    taken as that fraction of min(m, n) (rounded, at least 1). Anything else raises ValueError: a negative int,
+    a float outside (0, 1) (an integral float such as 8.0 is refused as ambiguous: pass 8, or 0.5 for half of
+    min(m, n)), a bool, a string. Whether the rank fits the weight (<= min(m, n)) is checked by
+    :func:`validate_inputs`.
+    """
+    where = _where(name)
+    if isinstance(rank, bool) or not isinstance(rank, (numbers.Integral, numbers.Real)):
+        raise ValueError(f"rank must be an integer (e.g. 64) or a fraction of min(m, n) in (0, 1) (e.g. 0.05)"
+                         f"{where}; got {rank!r} of type {type(rank).__name__}")
+    if isinstance(rank, numbers.Integral):
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0{where}, got {rank}")
+        return int(rank)
+    value = float(rank)
+    if not 0 < value < 1:
+        hint = f"pass the integer {int(value)}" if value.is_integer() and value >= 0 else "pass an integer"
+        raise ValueError(f"a fractional rank must be in (0, 1) (a fraction of min(m, n)){where}, got {rank}; "
+                         f"for an absolute rank {hint}")
+    return max(1, round(value * min(m, n)))
+
+
+def validate_weight(W: object, name: str = "") -> None:
+    """Raise a ValueError (naming the layer when ``name`` is given) unless W is a usable weight: a 2-D tensor,
+    not on the meta device, with at least one row and column, only finite values, and not all zeros (an all-zero
+    W has zero activation energy tr(W H Wᵀ), so the relative error every method reports is undefined)."""
+    where = _where(name)
     if not isinstance(W, Tensor) or W.dim() != 2:
         raise ValueError(f"W must be a 2-D tensor (out × in){where}, got {getattr(W, 'shape', type(W))}")
+    if W.is_meta:
+        raise ValueError(f"W is on the meta device{where}: its values were never loaded (a model loaded with "
+                         "device_map= or low_cpu_mem_usage= can leave offloaded weights there); load the weights "
+                         "onto a real device first")
     m, n = W.shape
-    if not isinstance(H, Tensor) or H.shape != (n, n):
-        raise ValueError(f"H must be n × n = {n} × {n} to match W's {m} × {n} (in features){where}, "
-                         f"got {tuple(getattr(H, 'shape', ()))}")
+    if W.numel() == 0:
+        raise ValueError(f"W is empty ({m} × {n}){where}: there is nothing to compress; exclude this layer")
     if not torch.isfinite(W).all():
         raise ValueError(f"W contains NaN or Inf{where}; check the checkpoint or the dequantization")
+    if not W.any():
+        raise ValueError(f"W is all zeros{where}: there is nothing to compress and the relative error is "
+                         "undefined; exclude this layer (e.g. with layers=/--layers)")
+
+
+def validate_hessian(H: object, n: int, name: str = "", m: int | None = None) -> None:
+    """Raise a ValueError (naming the layer when ``name`` is given) unless H is a usable n × n second moment.
+
+    Checked, in this order: a tensor of shape n × n, not on the meta device; finite; symmetric to 1e-6 of its
+    largest entry; not all zero (no calibration signal: every objective is 0); positive semidefinite up to
+    rounding. The last test, with ν = ‖H‖∞ (the largest absolute row sum, an upper bound on every |eigenvalue|)
+    and τ = :data:`PSD_TOL` = 1e-6: no diagonal entry below −τν (O(n), catches −H at once), and
+    H + τν·I must have a Cholesky factor in float64 (one O(n³/3) factorisation, cheaper than the
+    eigendecomposition and the GPTQ factorisations the methods do anyway); together this rejects every H with an
+    eigenvalue below −τν, while singular H and H whose float32 accumulation left eigenvalues of about −1e-8·ν
+    (measured on rank-deficient calibration sets) pass.
+    """
+    where = _where(name)
+    shape = f" to match W's {m} × {n} (in features)" if m is not None else ""
+    if not isinstance(H, Tensor) or H.shape != (n, n):
+        raise ValueError(f"H must be n × n = {n} × {n}{shape}{where}, got {tuple(getattr(H, 'shape', ()))}")
+    if H.is_meta:
+        raise ValueError(f"H is on the meta device{where}; pass the computed second moment X Xᵀ / N")
     if not torch.isfinite(H).all():
         raise ValueError(f"H contains NaN or Inf{where}; the calibration activations overflowed (use float32 "
                          "inputs or fewer/shorter samples)")
-    scale = H.abs().max().clamp_min(1e-30)
-    if (H - H.T).abs().max() > 1e-6 * scale:
+    scale = H.abs().max()
+    if (H - H.T).abs().max() > 1e-6 * scale.clamp_min(1e-30):
         raise ValueError(f"H is not symmetric{where}; pass H = X Xᵀ (or (H + Hᵀ)/2)")
+    if not bool(scale > 0):
+        raise ValueError(f"H is all zeros{where}: no calibration signal reached this layer's inputs, so every "
+                         "activation-aware objective is zero; use more or other calibration text, or exclude this "
+                         "layer")
+    nu = float(H.abs().sum(dim=1, dtype=torch.float64).max())
+    tol = PSD_TOL * nu
+    diag = torch.diagonal(H).to(torch.float64)
+    worst = int(torch.argmin(diag))
+    if float(diag[worst]) < -tol:
+        raise ValueError(f"H has a negative diagonal entry{where} (H[{worst}, {worst}] = {float(diag[worst]):.4g}): "
+                         "a second moment X Xᵀ / N is positive semidefinite, so channel energies cannot be negative; "
+                         "pass H = X Xᵀ / N (not −H)")
+    shifted = H.to(torch.float64, copy=True)  # never shift the caller's H in place
+    shifted.diagonal().add_(tol)
+    _, info = torch.linalg.cholesky_ex(shifted)
+    if int(info) != 0:
+        raise ValueError(f"H is not positive semidefinite{where}: it has an eigenvalue below −{PSD_TOL:g}·‖H‖∞ "
+                         f"(‖H‖∞ = {nu:.4g}), far beyond rounding; pass H = X Xᵀ / N of the layer's inputs")
+
+
+def validate_inputs(W: Tensor, H: Tensor, rank: int, mean_abs: Tensor | None = None, name: str = "") -> None:
+    """Raise a ValueError naming the problem (and the layer, when ``name`` is given) for unusable inputs.
+
+    W: see :func:`validate_weight`; H: see :func:`validate_hessian`; ``rank`` an integer in [0, min(m, n)];
+    ``mean_abs`` of shape (n,) and finite; and W not confined to input channels that never fire (diag H = 0), where
+    tr(W H Wᵀ), which every method reports the error relative to, would be zero. That last test is O(m·n); the
+    rarer way to a zero tr(W H Wᵀ), rows of W in the null space of an H without dead channels, would need an
+    m·n² product and is not checked.
+    """
+    where = _where(name)
+    validate_weight(W, name)
+    m, n = W.shape
+    validate_hessian(H, n, name, m)
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
+        raise ValueError(f"rank must be an integer >= 0{where}, got {rank!r}")
     if rank > min(m, n):
         raise ValueError(f"rank={rank} is larger than min(m, n) = {min(m, n)} for a {m} × {n} weight{where}; "
                          "use a smaller rank or a fractional rank")
-    if mean_abs is not None and mean_abs.shape != (n,):
-        raise ValueError(f"mean_abs must have shape ({n},){where}, got {tuple(mean_abs.shape)}")
+    if mean_abs is not None:
+        if mean_abs.shape != (n,):
+            raise ValueError(f"mean_abs must have shape ({n},){where}, got {tuple(mean_abs.shape)}")
+        if not torch.isfinite(mean_abs).all():
+            raise ValueError(f"mean_abs contains NaN or Inf{where}")
+    live = torch.diagonal(H).to(W.device) > 0
+    if not W[:, live].any():
+        raise ValueError(f"tr(W H Wᵀ) is zero{where}: W is nonzero only on input channels that never fire in the "
+                         "calibration data (diag H = 0 there), so the relative error is undefined; use other "
+                         "calibration text or exclude this layer")
 
 
-def decompose(W: Tensor, H: Tensor, method: str = "odlri", bits: int = 2, rank: int | None = None, *,
+def decompose(W: Tensor, H: Tensor, method: str = "odlri", bits: int = 2, rank: int | float | None = None, *,
               mean_abs: Tensor | None = None, name: str = "", **options: Any) -> Decomposition:
     """Split W (m × n) into a quantized Q plus a rank-``rank`` product L R.
 
@@ -211,8 +316,9 @@ def decompose(W: Tensor, H: Tensor, method: str = "odlri", bits: int = 2, rank: 
         H: calibration second moment X Xᵀ (n × n), ideally accumulated in float64 and averaged over tokens.
         method: one of :func:`methods`.
         bits: code width of Q.
-        rank: rank of L R (0 = Q only, where the method allows it); None takes the method's default
-            (0 for ``rtn``/``gptq``, 64 otherwise).
+        rank: rank of L R: an integer (0 = Q only, where the method allows it) or a float in (0, 1), a fraction of
+            min(m, n) (see :func:`resolve_rank`); None takes the method's default (0 for ``rtn``/``gptq``, 64
+            otherwise).
         mean_abs: optional per-input-channel mean |x| (n,), used by ``lqer``; when absent it falls back to
             sqrt(diag H) (the RMS of each channel), documented per method.
         name: layer name, used in error messages.
@@ -220,10 +326,17 @@ def decompose(W: Tensor, H: Tensor, method: str = "odlri", bits: int = 2, rank: 
 
     Returns:
         A :class:`Decomposition`; ``dec.history`` holds the activation-aware error per iteration.
+
+    Raises:
+        ValueError: before any work, for an unknown method or option, an unsupported ``bits``, a rank that is not
+            an integer in [0, min(m, n)] or a fraction in (0, 1), and for unusable W or H (see
+            :func:`validate_inputs`: meta/empty/all-zero/non-finite W; all-zero, non-finite, asymmetric or
+            indefinite H).
     """
     cls, fn = get_method(method)
+    validate_weight(W, name)  # the shape is needed to resolve a fractional rank
     if rank is not None:
-        options["rank"] = rank
+        options["rank"] = resolve_rank(rank, *W.shape, name=name)
     config = make_config(method, bits=bits, **options)
     validate_inputs(W, H, config.rank, mean_abs, name)
     dec = fn(W, H, config, mean_abs)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 __all__ = ["lib", "available", "build_error", "grid_gemv", "grid_decode", "e8p_gemv", "e8p_decode", "hadamard",
            "GEMV_MAX_BATCH", "QFactor", "QLayer", "FactorPlan", "grid_factor", "e8p_factor", "dense_factor",
-           "layer_plan", "layer_forward"]
+           "layer_plan"]
 
 GEMV_MAX_BATCH = 8
 """Largest number of input rows the fused decode + GEMV kernels take in one call."""
@@ -301,10 +301,3 @@ def layer_plan(m: int, n: int, r: int, q: FactorPlan | None, lf: FactorPlan | No
         keep.append(bias.contiguous())
         layer.bias, layer.bias_kind = keep[-1].data_ptr(), _BIAS_KINDS[bias.dtype]
     return layer, keep
-
-
-def layer_forward(layer: QLayer, x: Tensor, out: Tensor) -> Tensor:
-    """out (B, m) = the whole layer applied to x (B, n), B ≤ :data:`GEMV_MAX_BATCH`; float32, contiguous."""
-    _check(lib().qlr_layer_forward(ctypes.addressof(layer), x.data_ptr(), x.shape[0], out.data_ptr(), _threads()),
-           "layer_forward")
-    return out

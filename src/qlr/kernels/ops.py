@@ -25,14 +25,14 @@ from torch import Tensor
 from qlr.kernels import cpu, reference, triton_kernels
 from qlr.quant.hadamard import _base_on, _factor
 
-__all__ = ["grid_mm", "e8p_mm", "hadamard", "grid_dense", "e8p_dense", "use_compiled", "TILE_ELEMS"]
+__all__ = ["grid_mm", "e8p_mm", "hadamard", "grid_dense", "e8p_dense", "use_compiled", "TILE_ELEMS",
+           "TILE_MIN_ROWS"]
 
 TILE_ELEMS = 1 << 20
 """Float32 elements of the decoded tile the CPU large-batch path multiplies with BLAS (4 MiB), unless that is fewer
 than ``TILE_MIN_ROWS`` rows of F."""
 TILE_MIN_ROWS = 384
-"""Fewest rows of F per decoded tile: BLAS re-reads all of x for every tile, so wide factors need tall tiles
-(fewer than a few hundred rows per tile makes a 512-token product on an 11008-wide factor ~1.4× slower)."""
+"""Fewest rows of F per decoded tile: BLAS re-reads all of x for every tile, so wide factors need tall tiles."""
 
 _lib = torch.library.Library("qlr", "DEF")
 _lib.define("grid_mm(Tensor x, Tensor codes, Tensor scale, Tensor? zero, Tensor? levels, int bits, int n, "

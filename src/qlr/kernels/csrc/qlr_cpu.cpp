@@ -613,7 +613,7 @@ int qlr_hadamard_out(const float* src, long lds, float* x, int B, long ldx, int 
 
 // ---------------------------------------------------------------------------------------------------------------
 // A whole QLRLinear forward for a few rows of x in one call: y = U^T-side rotation of (x~ Q^T + (x~ R^T) L^T) + b,
-// x~ = the input rotation of x (see qlr.nn.qlinear). The caller (qlr.kernels.cpu.LayerPlan) fills QLayer once per
+// x~ = the input rotation of x (see qlr.nn.qlinear). The caller (qlr.kernels.cpu.layer_plan) fills QLayer once per
 // module with pointers to its buffers; scratch lives in per-thread buffers reused across calls.
 // ---------------------------------------------------------------------------------------------------------------
 struct QFactor {
