@@ -96,10 +96,11 @@ def plot_inference(data: dict[str, Any], path: Path) -> str | None:
                     label=f"limit {TARGETS['prefill_ratio']}×")
     axes[1].set_ylabel("qlr time / dense time (lower is better)")
     axes[1].set_title("512 tokens (prefill)")
+    axes[1].set_ylim(0, max(1.7, max(r["prefill_ratio"] for r in layers) + 0.4))  # room for the legend
     for ax in axes:
         ax.set_xticks(range(len(formats)))
         ax.set_xticklabels(formats, rotation=30, ha="right", fontsize=8)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", ncol=2)
     fig.suptitle(f"QLRLinear vs dense, {data.get('threads', '?')} CPU threads")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
