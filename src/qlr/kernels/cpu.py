@@ -30,7 +30,7 @@ from torch import Tensor
 
 __all__ = ["lib", "available", "build_error", "grid_gemv", "grid_decode", "e8p_gemv", "e8p_decode", "hadamard",
            "GEMV_MAX_BATCH", "QFactor", "QLayer", "FactorPlan", "grid_factor", "e8p_factor", "dense_factor",
-           "layer_plan"]
+           "layer_plan", "SCALE_KINDS"]
 
 GEMV_MAX_BATCH = 8
 """Largest number of input rows the fused decode + GEMV kernels take in one call."""
@@ -229,19 +229,19 @@ class QLayer(ctypes.Structure):
 FactorPlan = tuple[QFactor, list[Tensor]]
 """A filled :class:`QFactor` and the tensors its pointers refer to (kept alive with it)."""
 
-_KINDS = {"grid": 1, "e8p": 2}
-_SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
+SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
+"""Scale dtype → the kernels' scale kind (float32, float16, int8 power-of-two exponents)."""
 _BIAS_KINDS = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
 def grid_factor(codes: Tensor, scale: Tensor, zero: Tensor | None, levels: Tensor | None, bits: int, n: int,
                 group_len: int, zero_const: float) -> FactorPlan | None:
     """A scalar-grid factor (arguments as :func:`qlr.kernels.ops.grid_mm` takes them); None if unsupported."""
-    if scale.dtype not in _SCALE_KINDS:
+    if scale.dtype not in SCALE_KINDS:
         return None
     keep = [codes.contiguous(), scale.contiguous()]
     f = QFactor(kind=1, rows=codes.shape[0], cols=n, codes=keep[0].data_ptr(), words=codes.shape[1], bits=bits,
-                glen=group_len or n, scale=keep[1].data_ptr(), scale_kind=_SCALE_KINDS[scale.dtype],
+                glen=group_len or n, scale=keep[1].data_ptr(), scale_kind=SCALE_KINDS[scale.dtype],
                 zero_const=zero_const)
     if zero is not None:
         keep.append(zero.contiguous())

@@ -80,18 +80,15 @@ def _small(x: Tensor, m: int, gemv) -> Tensor:  # noqa: ANN001 - gemv(xf, out)
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
-_SCALE_KIND = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
-
-
 def _grid_args(scale: Tensor, zero: Tensor | None, levels: Tensor | None) -> tuple:
     zero_kind = 0 if zero is None else (1 if zero.dtype == torch.int32 else 2)
     lv = None if levels is None else levels.float().contiguous()
-    return _SCALE_KIND[scale.dtype], zero_kind, lv
+    return cpu.SCALE_KINDS[scale.dtype], zero_kind, lv
 
 
 def _grid_mm_cpu(x: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None, levels: Tensor | None, bits: int,
                  n: int, group_len: int, zero_const: float) -> Tensor:
-    if not use_compiled(x) or scale.dtype not in _SCALE_KIND:
+    if not use_compiled(x) or scale.dtype not in cpu.SCALE_KINDS:
         return reference.grid_mm(x, codes, scale, zero, levels, bits, n, group_len, zero_const)
     codes, scale = codes.contiguous(), scale.contiguous()
     zero = None if zero is None else zero.contiguous()
@@ -213,7 +210,7 @@ def grid_dense(codes: Tensor, scale: Tensor, zero: Tensor | None, levels: Tensor
     """A whole (small) scalar-grid factor as float32 (m × n): the compiled decoder on CPU, else the reference. For
     the low-rank factors (m × r), which a large-batch forward multiplies with one BLAS call."""
     m = codes.shape[0]
-    if not use_compiled(codes) or scale.dtype not in _SCALE_KIND:
+    if not use_compiled(codes) or scale.dtype not in cpu.SCALE_KINDS:
         return reference.grid_decode(codes, scale, zero, levels, bits, n, group_len, zero_const, 0, m)
     codes, scale = codes.contiguous(), scale.contiguous()
     zero = None if zero is None else zero.contiguous()
