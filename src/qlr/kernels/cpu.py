@@ -52,7 +52,6 @@ _SIGNATURES = {
     "qlr_e8p_init": ([_p], _i),
     "qlr_e8p_gemv": ([_p, _i, _p, _i, _i, _p, _i, _l, _p, _l, _i, _i], _i),
     "qlr_e8p_decode": ([_p, _i, _p, _i, _i, _i, _i, _p, _i], _i),
-    "qlr_hadamard": ([_p, _i, _l, _i, _i, _p, _p, _p, _f, _i], _i),
     "qlr_layer_forward": ([_p, _p, _i, _p, _i], _i),
     "qlr_hadamard_out": ([_p, _l, _p, _i, _l, _i, _i, _p, _p, _p, _f, _i], _i),
 }

@@ -80,19 +80,19 @@ def _small(x: Tensor, m: int, gemv) -> Tensor:  # noqa: ANN001 - gemv(xf, out)
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
-def _grid_args(scale: Tensor, zero: Tensor | None, levels: Tensor | None) -> tuple:
+def _grid_args(codes: Tensor, scale: Tensor, zero: Tensor | None, levels: Tensor | None) -> tuple:
+    """(codes, scale, scale_kind, zero, zero_kind, levels) contiguous, as the compiled grid kernels take them."""
     zero_kind = 0 if zero is None else (1 if zero.dtype == torch.int32 else 2)
-    lv = None if levels is None else levels.float().contiguous()
-    return cpu.SCALE_KINDS[scale.dtype], zero_kind, lv
+    return (codes.contiguous(), scale.contiguous(), cpu.SCALE_KINDS[scale.dtype],
+            None if zero is None else zero.contiguous(), zero_kind,
+            None if levels is None else levels.float().contiguous())
 
 
 def _grid_mm_cpu(x: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None, levels: Tensor | None, bits: int,
                  n: int, group_len: int, zero_const: float) -> Tensor:
     if not use_compiled(x) or scale.dtype not in cpu.SCALE_KINDS:
         return reference.grid_mm(x, codes, scale, zero, levels, bits, n, group_len, zero_const)
-    codes, scale = codes.contiguous(), scale.contiguous()
-    zero = None if zero is None else zero.contiguous()
-    sk, zk, lv = _grid_args(scale, zero, levels)
+    codes, scale, sk, zero, zk, lv = _grid_args(codes, scale, zero, levels)
     m, glen = codes.shape[0], group_len or n
     if x.shape[0] <= cpu.GEMV_MAX_BATCH:
         return _small(x, m, lambda xf, out: cpu.grid_gemv(xf, codes, scale, sk, zero, zk, zero_const, lv, bits, n,
@@ -212,9 +212,7 @@ def grid_dense(codes: Tensor, scale: Tensor, zero: Tensor | None, levels: Tensor
     m = codes.shape[0]
     if not use_compiled(codes) or scale.dtype not in cpu.SCALE_KINDS:
         return reference.grid_decode(codes, scale, zero, levels, bits, n, group_len, zero_const, 0, m)
-    codes, scale = codes.contiguous(), scale.contiguous()
-    zero = None if zero is None else zero.contiguous()
-    sk, zk, lv = _grid_args(scale, zero, levels)
+    codes, scale, sk, zero, zk, lv = _grid_args(codes, scale, zero, levels)
     out = torch.empty(m, n, dtype=torch.float32)
     return cpu.grid_decode(codes, scale, sk, zero, zk, zero_const, lv, bits, n, group_len or n, 0, m, out)
 

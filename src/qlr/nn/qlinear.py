@@ -435,15 +435,16 @@ class QLRLinear(nn.Module):
     def _signs(self) -> tuple[Tensor, Tensor]:
         """The rotation's (signs_out (m,), signs_in (n,)) as ±1 float32, unpacked once and cached until a sign
         buffer is replaced or written in place."""
-        if torch.compiler.is_compiling():  # traced into the graph instead of cached
+        def unpacked() -> tuple[Tensor, Tensor]:
             return tuple(unpack(s, 1, k).float() * 2 - 1
                          for s, k in ((self.signs_out, self.out_features), (self.signs_in, self.in_features)))
+
+        if torch.compiler.is_compiling():  # traced into the graph instead of cached
+            return unpacked()
         key = tuple((t.data_ptr(), t._version, t.device) for t in (self.signs_out, self.signs_in))
         cached = self.__dict__.get("_sign_cache")
         if cached is None or cached[0] != key:
-            signs = tuple(unpack(s, 1, k).float() * 2 - 1
-                          for s, k in ((self.signs_out, self.out_features), (self.signs_in, self.in_features)))
-            cached = self.__dict__["_sign_cache"] = (key, signs)
+            cached = self.__dict__["_sign_cache"] = (key, unpacked())
         return cached[1]
 
     def _rotation(self) -> Any:
