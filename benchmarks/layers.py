@@ -30,41 +30,34 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qlr  # noqa: E402
 from common import RESULTS, run_meta, write_result  # noqa: E402
-from qlr.calibration.hessian import HessianAccumulator  # noqa: E402
-from qlr.calibration.pipeline import _run_block, capture_block_inputs  # noqa: E402
+from qlr.calibration.pipeline import _BlockStats, _run_block, capture_block_inputs  # noqa: E402
 from qlr.data import calibration_batches, load_text  # noqa: E402
 from qlr.decompose.metrics import activation_aware_error  # noqa: E402
 from qlr.models.loading import load_model  # noqa: E402
-from qlr.models.registry import arch_spec, get_blocks  # noqa: E402
+from qlr.models.registry import block_linears, get_blocks  # noqa: E402
 
 
 def collect_hessians(blocks_wanted: list[int], calib_samples: int, seqlen: int, seed: int) -> dict:
     """{(block, linear): (W, H, mean_abs)} from the FP model, for the requested blocks."""
     model, tok = load_model("smollm2-135m")
-    spec = arch_spec(model)
     ids = calibration_batches(tok, load_text("sotu"), calib_samples, seqlen, seed)
-    inputs, kwargs = capture_block_inputs(model, ids)
+    state = capture_block_inputs(model, ids)
     out = {}
-    for b, block in enumerate(get_blocks(model, spec)):
+    for b, block in enumerate(get_blocks(model)):
         if b > max(blocks_wanted):
             break
         if b in blocks_wanted:
-            accs, handles = {}, []
-            for grp in spec.linear_groups:
-                lin = block.get_submodule(grp[0])
-                accs[grp] = HessianAccumulator(lin.in_features)
-                handles.append(lin.register_forward_pre_hook(lambda _m, a, acc=accs[grp]: acc.add(a[0])))
+            stats = _BlockStats(block_linears(block))
+            handles = stats.hooks() + [block.register_forward_pre_hook(lambda *_: stats.new_pass())]
             with torch.no_grad():
-                _run_block(block, inputs, kwargs)
+                _run_block(block, state.hidden, state.calls[b])
             for h in handles:
                 h.remove()
-            for grp, acc in accs.items():
-                H, mean_abs = acc.finalize()
-                for name in grp:
-                    W = block.get_submodule(name).weight.detach().float().clone()
-                    out[(b, name)] = (W, H, mean_abs)
+            for name, (H, mean_abs, _) in stats.finalize().items():
+                W = block.get_submodule(name).weight.detach().float().clone()
+                out[(b, name)] = (W, H, mean_abs)
         with torch.no_grad():
-            inputs = _run_block(block, inputs, kwargs)
+            state.hidden = _run_block(block, state.hidden, state.calls[b])
     return out
 
 

@@ -11,16 +11,21 @@ Models::
 
     model = qlr.compress("smollm2-135m", method="odlri", bits=2, rank=64)
     qlr.save(model, "dir", tokenizer); model = qlr.load("dir"); qlr.perplexity(model, tokenizer, text)
+    AutoModelForCausalLM.from_pretrained("dir")     # the same model through transformers (after `import qlr`)
 """
 
 from typing import Any
 
 from .decompose import Decomposition, activation_aware_error, decompose, methods
+from .integrations import install_transformers_hook
 
 __version__ = "0.1.0"
 
 __all__ = ["Decomposition", "activation_aware_error", "decompose", "methods", "compress", "save", "load",
            "load_tokenizer", "perplexity", "__version__"]
+
+# AutoModelForCausalLM.from_pretrained(qlr checkpoint) works after `import qlr`; transformers is not imported here
+install_transformers_hook()
 
 
 def __getattr__(name: str) -> Any:

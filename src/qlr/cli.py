@@ -1,8 +1,9 @@
-"""``qlr`` command line: compress, eval, inspect, demo, methods.
+"""``qlr`` command line: compress, eval, inspect, export, demo, methods.
 
     qlr compress --model smollm2-135m --method odlri --bits 2 --rank 64 --out runs/smol-odlri-2b-r64
     qlr eval runs/smol-odlri-2b-r64
     qlr inspect runs/smol-odlri-2b-r64
+    qlr export runs/smol-odlri-2b-r64 --format peft --out exported/smol-odlri-2b-r64
     qlr demo
 """
 
@@ -253,6 +254,20 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from qlr.export import export
+
+    out = Path(a.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before any work
+        raise ValueError(f"--out {str(out)!r} exists and is not an empty directory; choose a new or empty one")
+    report = export(a.run, a.format, out, **_options(a.opt))
+    rows = [{"key": k, "value": str(v) if isinstance(v, bool) else v} for k, v in report.items()
+            if isinstance(v, (str, int, float)) and k not in ("run", "out")]
+    print(_table(rows, [("key", a.format + " export", ""), ("value", "value", ".4g")]))
+    print(f"\nexported {a.run} as {a.format} -> {out} (report: {out / 'qlr_export.json'})")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     """FP vs RTN vs ODLRI on SmolLM2 at about 2.5 bits/weight, perplexity on held-out Moby-Dick.
 
@@ -362,6 +377,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
+
+    from qlr.export import formats
+
+    x = sub.add_parser("export", help="write a checkpoint in another engine's format (GPTQ + PEFT LoRA, GGUF)",
+                       formatter_class=fmt,
+                       description="Export the qlr checkpoint RUN to OUT. peft: OUT/base is a GPTQ checkpoint of Q "
+                                   "(codes copied, not re-rounded) and OUT/adapter a PEFT LoRA adapter holding L R "
+                                   "in fp16; gguf: a llama.cpp model and LoRA adapter. A run the format cannot "
+                                   "hold exactly (e.g. E8P lattice codes or a Hadamard rotation for GPTQ) is "
+                                   "refused with the compression setting that exports. OUT/qlr_export.json "
+                                   "records bits/weight and the difference to qlr's weights.")
+    x.add_argument("run", help="qlr checkpoint directory (from qlr compress)")
+    x.add_argument("--format", required=True, choices=formats(), help="target format")
+    x.add_argument("--out", required=True, help="directory to create: must not exist or be empty")
+    x.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                   help="exporter option, repeatable, e.g. --opt checkpoint_format=gptq_v2 (peft: "
+                        "checkpoint_format gptq|gptq_v2, base_model_name_or_path)")
+    x.set_defaults(fn=cmd_export)
 
     d = sub.add_parser("demo", help="FP vs RTN vs ODLRI on SmolLM2 at ~2.5 bits/weight", formatter_class=fmt)
     d.add_argument("--quick", action="store_true", help="fewer windows, samples and iterations")

@@ -4,6 +4,9 @@ A checkpoint is a directory::
 
     model.safetensors        every tensor of the model (QLRLinear buffers, other parameters, non-persistent
                              buffers such as rotary inv_freq); tied duplicates are stored once
+    config.json              the transformers config plus a ``quantization_config`` holding every QLR layer's
+                             metadata, so ``AutoModelForCausalLM.from_pretrained(directory)`` reads the checkpoint
+                             too (see :mod:`qlr.integrations.transformers`); only for transformers models
     qlr_config.json          format/qlr versions, method/bits/rank/options, calibration hash, the base model's
                              transformers config and class, each QLR layer's ``qlr_meta()`` and metrics, the
                              tie map, and the sha256 + byte size of every other file
@@ -38,6 +41,7 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "qlr_config.json"
 WEIGHTS_NAME = "model.safetensors"
 GENERATION_NAME = "generation_config.json"
+HF_CONFIG_NAME = "config.json"
 _RERUN = "re-run `qlr compress` to recreate the checkpoint"
 _INFO_KEYS = ("method", "bits", "rank", "options", "calibration_sha256", "layer_metrics")
 
@@ -53,6 +57,13 @@ def replace_linear(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     old = getattr(parent, attr)
     setattr(parent, attr, module)
     return old
+
+
+def _unfused_paths(model: nn.Module) -> list[str]:
+    """Paths of fused expert modules that qlr split into per-expert linears (``load`` splits them again)."""
+    from .models.moe import UnfusedExperts
+
+    return [name for name, mod in model.named_modules() if isinstance(mod, UnfusedExperts)]
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -206,6 +217,8 @@ def save(model: nn.Module, directory: str | Path, *, tokenizer: Any = None,
         if isinstance(mod, QLRLinear):
             lm = {"bits_per_weight": mod.bits_per_weight, **metrics.get(name, {})}
             layers.append({"name": name, "meta": mod.qlr_meta(), "metrics": lm})
+    if _write_hf_config(model, directory, layers):
+        written.append(HF_CONFIG_NAME)
     hf_config = getattr(model, "config", None)
     cfg = {
         "format_version": FORMAT_VERSION,
@@ -221,6 +234,7 @@ def save(model: nn.Module, directory: str | Path, *, tokenizer: Any = None,
         "model_config": hf_config.to_dict() if hf_config is not None else None,
         "tied": tied,
         "nonpersistent_buffers": extra,
+        "unfused_experts": _unfused_paths(model),
         "layers": layers,
         "files": {n: {"bytes": (directory / n).stat().st_size, "sha256": _sha256(directory / n)} for n in written},
     }
@@ -228,6 +242,27 @@ def save(model: nn.Module, directory: str | Path, *, tokenizer: Any = None,
     tmp.write_text(json.dumps(_jsonable(cfg), indent=2))
     tmp.replace(directory / CONFIG_NAME)  # written last: a checkpoint without it is incomplete
     return directory
+
+
+def _write_hf_config(model: nn.Module, directory: Path, layers: list[dict[str, Any]]) -> bool:
+    """Write the Hugging Face ``config.json`` (the model's config plus the qlr ``quantization_config``, see
+    :mod:`qlr.integrations.transformers`) when ``model`` has a transformers config; returns whether it did."""
+    hf_config = getattr(model, "config", None)
+    if hf_config is None or not callable(getattr(hf_config, "to_dict", None)):
+        return False
+    d = hf_config.to_diff_dict() if callable(getattr(hf_config, "to_diff_dict", None)) else hf_config.to_dict()
+    d["architectures"] = [type(model).__name__]  # as save_pretrained writes them
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is not None:  # the float parameters' dtype, as save_pretrained writes it (QLRLinear has buffers only)
+        d["dtype"] = str(dtype).removeprefix("torch.")
+    d.pop("quantization_config", None)
+    if layers:
+        from qlr.integrations.transformers import QLRConfig
+
+        d["quantization_config"] = QLRConfig(layers={lay["name"]: lay["meta"] for lay in layers},
+                                             unfused_experts=_unfused_paths(model)).to_dict()
+    (directory / HF_CONFIG_NAME).write_text(json.dumps(_jsonable(d), indent=2, sort_keys=True) + "\n")
+    return True
 
 
 # ---- load ------------------------------------------------------------------------------------------------------
@@ -258,6 +293,10 @@ def load(directory: str | Path, device: str | torch.device = "cpu", *, check_has
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ValueError(f"{str(wpath)!r} cannot be read as safetensors ({e}); {_RERUN}") from e
     model = _build_model(cfg)
+    if cfg.get("unfused_experts"):
+        from .models.moe import unfuse_experts
+
+        unfuse_experts(model, cfg["unfused_experts"])
     for layer in cfg["layers"]:
         replace_linear(model, layer["name"], QLRLinear.from_meta(layer["meta"], device="meta"))
 
@@ -278,6 +317,12 @@ def load(directory: str | Path, device: str | torch.device = "cpu", *, check_has
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
     if left:
         raise ValueError(f"after loading {str(directory)!r}, tensors {left[:5]} have no data; {_RERUN}")
+    if cfg["layers"] and getattr(model, "config", None) is not None:
+        # so that save_pretrained writes a config that from_pretrained can read back
+        from .integrations.transformers import QLRConfig
+
+        model.config.quantization_config = QLRConfig(layers={lay["name"]: lay["meta"] for lay in cfg["layers"]},
+                                                     unfused_experts=cfg.get("unfused_experts", []))
     gpath = directory / GENERATION_NAME
     if gpath.is_file() and hasattr(model, "generation_config"):
         from transformers import GenerationConfig

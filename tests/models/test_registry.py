@@ -1,141 +1,101 @@
-"""qlr.models.registry: specs as data, block/linear lookup, unsupported architectures."""
+"""qlr.models.registry: decoder blocks and linears found from the module tree; overrides; clear failures."""
 
 from __future__ import annotations
 
 import dataclasses
+from types import MappingProxyType
 
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
+import qlr.models.registry as registry
 from qlr.models.registry import (
     ARCH_SPECS,
+    ArchSpec,
     arch_spec,
-    find_linears,
+    block_linears,
+    find_blocks,
     get_blocks,
+    is_linear,
     iter_linears,
+    linear_weight,
     select_layers,
-    supported_architectures,
 )
-
-SMALL = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+from tests.models.archs import tiny_causal_lm
 
 
-def test_tiny_llama_spec_and_blocks(tiny_model) -> None:
-    spec = arch_spec(tiny_model)
-    assert spec is ARCH_SPECS["LlamaForCausalLM"]
-    blocks = get_blocks(tiny_model, spec)
-    assert len(blocks) == 2
-    for path in (spec.embedding, spec.final_norm, spec.lm_head, spec.rotary):
-        tiny_model.get_submodule(path)
-    linears = find_linears(blocks[0], spec)
-    assert list(linears) == list(spec.linears)
-    assert linears["self_attn.q_proj"].weight.shape == (64, 64)
+def test_tiny_llama_blocks_and_linears(tiny_model) -> None:
+    path, blocks = find_blocks(tiny_model)
+    assert path == "model.layers" and blocks is tiny_model.model.layers
+    linears = block_linears(blocks[0])
+    assert list(linears) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     assert linears["self_attn.k_proj"].weight.shape == (32, 64)  # 2 kv heads of 16
-    assert linears["mlp.down_proj"].weight.shape == (64, 128)
-    assert linears["mlp.gate_proj"] is blocks[0].mlp.gate_proj
-
-
-def test_linear_groups_follow_execution_order(tiny_model, byte_tokenizer) -> None:
-    spec = arch_spec(tiny_model)
-    block = get_blocks(tiny_model, spec)[0]
-    seen: list[str] = []
-    inputs: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def record(module, args, output):
-            seen.append(name)
-            inputs[name] = args[0]
-
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in find_linears(block, spec).items()]
-    try:
-        with torch.no_grad():
-            tiny_model(byte_tokenizer("order", return_tensors="pt").input_ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert seen == list(spec.linears)
-    for group in spec.linear_groups:  # the linears of one group read the same input
-        for name in group[1:]:
-            assert torch.equal(inputs[name], inputs[group[0]])
-
-
-def test_iter_linears_names(tiny_model) -> None:
-    names = [name for name, _ in iter_linears(tiny_model, arch_spec(tiny_model))]
+    names = [name for name, _ in iter_linears(tiny_model)]
     assert len(names) == 2 * 7
     assert names[0] == "model.layers.0.self_attn.q_proj" and names[-1] == "model.layers.1.mlp.down_proj"
-    for name in names:
-        assert isinstance(tiny_model.get_submodule(name), nn.Linear)
+    assert "lm_head" not in " ".join(names) and "embed" not in " ".join(names)
 
 
-@pytest.mark.parametrize(
-    ("config_cls", "model_cls"), [(MistralConfig, MistralForCausalLM), (Qwen2Config, Qwen2ForCausalLM)]
-)
-def test_same_layout_architectures(config_cls, model_cls) -> None:
-    model = model_cls(config_cls(**SMALL))
-    spec = arch_spec(model)
-    assert spec.name == model_cls.__name__
-    assert len(list(iter_linears(model, spec))) == 2 * 7
-    model.get_submodule(spec.rotary)
+@pytest.mark.parametrize(("arch", "path", "first"), [
+    ("gpt2", "transformer.h", "attn.c_attn"),
+    ("gpt_neox", "gpt_neox.layers", "attention.query_key_value"),
+    ("falcon", "transformer.h", "self_attention.query_key_value"),
+    ("phi3", "model.layers", "self_attn.o_proj"),
+])
+def test_other_layouts(arch, path, first) -> None:
+    model = tiny_causal_lm(arch)
+    assert find_blocks(model)[0] == path
+    assert first in block_linears(get_blocks(model)[0])
 
 
-def test_unsupported_architecture_errors() -> None:
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
-    with pytest.raises(
-        ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM.*MistralForCausalLM.*Qwen2ForCausalLM"
-    ):
-        arch_spec(gpt2)
-    with pytest.raises(ValueError, match="'BertModel'"):
-        arch_spec("BertModel")
+def test_conv1d_weight_is_read_out_by_in() -> None:
+    model = tiny_causal_lm("gpt2")
+    c_fc = get_blocks(model)[0].mlp.c_fc  # Conv1D(nf=4·64, nx=64) stores (64, 256)
+    assert is_linear(c_fc) and c_fc.weight.shape == (64, 256)
+    w = linear_weight(c_fc)
+    assert w.shape == (256, 64)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(c_fc(x), x @ w.T + c_fc.bias)
 
 
-def test_subclass_resolves_through_mro(tiny_model) -> None:
-    class MyLlama(LlamaForCausalLM):
-        pass
+def test_routers_are_skipped() -> None:
+    block = get_blocks(tiny_causal_lm("qwen2_moe"))[0]
+    assert "mlp.shared_expert_gate" in block_linears(block, skip=None)
+    assert "mlp.shared_expert_gate" not in block_linears(block)
+    assert "mlp.shared_expert.down_proj" in block_linears(block)
 
-    model = MyLlama(tiny_model.config)
-    assert arch_spec(model).name == "LlamaForCausalLM"
+
+def test_largest_list_wins_and_overrides(tiny_model, monkeypatch) -> None:
+    class Wrapper(nn.Module):  # a small ModuleList of linears beside the real blocks
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.adapters = nn.ModuleList([nn.Linear(4, 4)])
+
+    model = Wrapper(tiny_model)
+    assert find_blocks(model)[0] == "inner.model.layers"
+    monkeypatch.setattr(registry, "ARCH_SPECS", MappingProxyType({"Wrapper": ArchSpec("Wrapper", blocks="adapters")}))
+    assert find_blocks(model)[0] == "adapters"
+    assert arch_spec(model).blocks == "adapters" and arch_spec("Other") == ArchSpec("Other")
+    monkeypatch.setattr(registry, "ARCH_SPECS",
+                        MappingProxyType({"Wrapper": ArchSpec("Wrapper", blocks="inner.nope")}))
+    with pytest.raises(ValueError, match="no module 'inner.nope'"):
+        find_blocks(model)
 
 
-def test_find_linears_strictness(tiny_model) -> None:
-    spec = arch_spec(tiny_model)
-    block = get_blocks(tiny_model, spec)[1]
-    block.self_attn.o_proj = nn.Identity()
-    with pytest.raises(TypeError, match="o_proj"):
-        find_linears(block, spec)
-    assert "self_attn.o_proj" not in find_linears(block, spec, strict=False)
-    broken = dataclasses.replace(spec, linear_groups=(("self_attn.nope",),))
-    with pytest.raises(KeyError, match="self_attn.nope"):
-        find_linears(block, broken)
-    with pytest.raises(ValueError, match="no module"):
-        get_blocks(tiny_model, dataclasses.replace(spec, blocks="model.blocks"))
+def test_model_without_blocks_is_one_clear_error() -> None:
+    model = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8))
+    with pytest.raises(ValueError, match="cannot find the decoder blocks of Sequential"):
+        find_blocks(model)
 
 
 def test_specs_are_read_only() -> None:
-    spec = ARCH_SPECS["LlamaForCausalLM"]
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        spec.blocks = "x"  # type: ignore[misc]
     with pytest.raises(TypeError):
-        ARCH_SPECS["GPT2LMHeadModel"] = spec  # type: ignore[index]
-    assert supported_architectures() == ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"]
+        ARCH_SPECS["X"] = ArchSpec("X")  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ArchSpec("X").blocks = "y"  # type: ignore[misc]
 
 
 def test_select_layers() -> None:

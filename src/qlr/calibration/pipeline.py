@@ -1,8 +1,11 @@
 """Sequential, block-by-block compression of a causal LM (GPTQ's streaming loop, llm-compressor's pipeline).
 
-    inputs ← hidden states entering block 0 (captured with a hook; embedding and rotary run once)
-    for each decoder block:
-        run the FP block on the inputs with input hooks → H = E[x xᵀ] (float64) and mean |x| per linear group
+    split fused mixture-of-experts weights into per-expert linears (qlr.models.moe)
+    inputs ← hidden states entering block 0, and every block's call arguments (masks, rotary tables, ...),
+             recorded with the blocks' forwards stubbed out (embedding and mask/rotary set-up run once)
+    for each decoder block (found from the module tree, qlr.models.registry):
+        run the FP block on the inputs with input hooks → H = E[x xᵀ] (float64) and mean |x| per linear; linears
+        that read the same tensor share one accumulator; an expert no token reached borrows its siblings' H
         decompose each selected linear (or reload it from the resume directory) and swap in a QLRLinear
         run the *compressed* block on the inputs → the next block's inputs (errors propagate, as in GPTQ)
 
@@ -29,13 +32,14 @@ from tqdm.auto import tqdm
 
 from ..decompose.base import decompose, get_method, make_config, resolve_rank, validate_weight
 from ..io import replace_linear
-from ..models.registry import arch_spec, get_blocks
+from ..models.moe import unfuse_experts
+from ..models.registry import find_blocks, get_blocks, iter_linears, linear_weight
 from ..nn.qlinear import QLRLinear
 from ..quant.grid import QuantSpec
 from .hessian import HessianAccumulator
 
-__all__ = ["CompressionPlan", "capture_block_inputs", "compress_blocks", "resolve_rank", "budget_rank",
-           "select_linears", "check_model"]
+__all__ = ["BlockInputs", "CompressionPlan", "capture_block_inputs", "compress_blocks", "resolve_rank",
+           "budget_rank", "select_linears", "check_model"]
 
 
 class _Stop(Exception):
@@ -166,83 +170,188 @@ class CompressionPlan:
                 raise ValueError(f"{name}: {err}") from None
 
 
-def select_linears(model: nn.Module, plan: CompressionPlan) -> dict[str, nn.Linear]:
-    """The decoder linears ``plan`` compresses, by model-relative name, in pipeline order. Raises ValueError when
-    the pattern selects none (or the architecture is unsupported)."""
-    spec = arch_spec(model)
-    blocks = get_blocks(model, spec)
+def select_linears(model: nn.Module, plan: CompressionPlan) -> dict[str, nn.Module]:
+    """The decoder linears (``nn.Linear`` or ``Conv1D``) ``plan`` compresses, by model-relative name, block by
+    block (see :func:`~qlr.models.registry.iter_linears`; routers are never selected). Raises ValueError when the
+    pattern selects none, or when the decoder blocks cannot be found."""
     pattern = re.compile(plan.layers) if plan.layers else None
-    out: dict[str, nn.Linear] = {}
-    for b, block in enumerate(blocks):
-        prefix = f"{spec.blocks}.{b}."
-        for grp in spec.linear_groups:
-            for n in grp:
-                if pattern is not None and not pattern.search(prefix + n):
-                    continue
-                mod = block.get_submodule(n)
-                if isinstance(mod, nn.Linear):
-                    out[prefix + n] = mod
+    out = {name: mod for name, mod in iter_linears(model) if pattern is None or pattern.search(name)}
     if not out:
+        first = next(iter_linears(model), ("model.layers.0.self_attn.q_proj", None))[0]
         raise ValueError(f"the layer pattern {plan.layers!r} selects no decoder linear; names look like "
-                         f"'{spec.blocks}.0.{spec.linears[0]}'")
+                         f"{first!r}")
     return out
 
 
-def check_model(model: nn.Module, plan: CompressionPlan) -> dict[str, nn.Linear]:
+def check_model(model: nn.Module, plan: CompressionPlan) -> dict[str, nn.Module]:
     """Everything that can be checked before calibration, cheaply, with errors naming the layer: the plan
     (:meth:`CompressionPlan.check`), the layer selection, each selected weight (:func:`~qlr.decompose.base.
     validate_weight`: meta, empty, non-finite, all-zero) and the ranks and budget for their shapes
-    (:meth:`CompressionPlan.check_shapes`). Returns the selected linears."""
+    (:meth:`CompressionPlan.check_shapes`). Returns the selected linears.
+
+    Fused mixture-of-experts weights are split into per-expert linears first (in place, same function; see
+    :func:`~qlr.models.moe.unfuse_experts`), so that each expert is selected and calibrated on its own."""
     plan.check()
+    unfuse_experts(model)
     linears = select_linears(model, plan)
+    shapes = {}
     for name, lin in linears.items():
+        weight = linear_weight(lin)
         try:
-            validate_weight(lin.weight.detach())
+            validate_weight(weight)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
-    plan.check_shapes({name: (lin.out_features, lin.in_features) for name, lin in linears.items()})
+        shapes[name] = tuple(weight.shape)
+    plan.check_shapes(shapes)
     return linears
 
 
+@dataclass
+class BlockInputs:
+    """What the decoder blocks are called with, for every calibration mini-batch.
+
+    Attributes:
+        hidden: the hidden states entering the current block, one (B, T, d) tensor per mini-batch (starts as
+            block 0's inputs; the pipeline replaces it with each block's outputs).
+        calls: ``calls[b][i]`` = (the other positional arguments, the keyword arguments) the model passed to block
+            ``b`` for mini-batch ``i``: masks, position ids and embeddings, sliding-window flags, ALiBi, ... (caches
+            removed). Recorded per block because models such as Gemma 2/3 give sliding-window and global layers
+            different masks and rotary tables.
+    """
+
+    hidden: list[Tensor]
+    calls: list[list[tuple[tuple[Any, ...], dict[str, Any]]]]
+
+
+def _no_cache(value: Any) -> Any:
+    return None if "Cache" in type(value).__name__ and type(value).__module__.startswith("transformers") else value
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, input_ids: Tensor, batch_size: int = 8
-                         ) -> tuple[list[Tensor], list[dict[str, Any]]]:
-    """Hidden states entering the first decoder block for ``input_ids`` (B, T), in mini-batches, with the keyword
-    arguments the model passes to its blocks (attention mask, position embeddings, ...)."""
-    spec = arch_spec(model)
-    blocks = get_blocks(model, spec)
-    inputs: list[Tensor] = []
-    kwargs_list: list[dict[str, Any]] = []
+def capture_block_inputs(model: nn.Module, input_ids: Tensor, batch_size: int = 8) -> BlockInputs:
+    """Block 0's input hidden states and every block's call arguments for ``input_ids`` (B, T), in mini-batches.
 
-    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        hs = args[0] if args else kwargs.pop("hidden_states")
-        inputs.append(hs.detach())
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
-        kwargs_list.append(kw)
-        raise _Stop
+    The model runs with each block's forward replaced by a recorder that returns its input unchanged (in the
+    output structure the real block has), so capturing costs the embedding and the per-layer mask/rotary set-up,
+    not a forward pass; the last block stops the run before the final norm and head."""
+    blocks = get_blocks(model)
+    n_batches = math.ceil(input_ids.shape[0] / batch_size)
+    result = BlockInputs(hidden=[], calls=[[] for _ in blocks])
+    template: list[Any] = []  # what follows the hidden states in a block's tuple output (learned from block 0)
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    def recorder(b: int, block: nn.Module) -> Callable[..., Any]:
+        original = type(block).forward
+
+        def record(*args: Any, **kwargs: Any) -> Any:
+            hs = args[0] if args else kwargs.pop("hidden_states")
+            rest = tuple(_no_cache(a) for a in args[1:])
+            kw = {k: _no_cache(v) for k, v in kwargs.items()}
+            if "use_cache" in kw:
+                kw["use_cache"] = False
+            result.calls[b].append((rest, kw))
+            if b == 0:
+                result.hidden.append(hs.detach())
+                if not template:
+                    out = original(block, hs, *rest, **kw)
+                    template.append(out[1:] if isinstance(out, tuple) else None)
+            if b == len(blocks) - 1:
+                raise _Stop
+            return hs if template[0] is None else (hs, *template[0])
+
+        return record
+
+    for b, block in enumerate(blocks):
+        block.forward = recorder(b, block)
     try:
-        for i in range(0, input_ids.shape[0], batch_size):
+        for i in range(n_batches):
             try:
-                model(input_ids[i:i + batch_size].to(_device(model)), use_cache=False)
+                model(input_ids[i * batch_size:(i + 1) * batch_size].to(_device(model)), use_cache=False)
             except _Stop:
                 pass
     finally:
-        handle.remove()
-    return inputs, kwargs_list
+        for block in blocks:
+            del block.forward
+    if any(len(c) != n_batches for c in result.calls):
+        raise ValueError(f"{type(model).__name__} did not call each decoder block once per forward pass; qlr's "
+                         "block-by-block calibration cannot handle it")
+    return result
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _run_block(block: nn.Module, inputs: list[Tensor], kwargs_list: list[dict[str, Any]]) -> list[Tensor]:
+def _run_block(block: nn.Module, hidden: list[Tensor], calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
+               ) -> list[Tensor]:
     outs = []
-    for hs, kw in zip(inputs, kwargs_list, strict=True):
-        out = block(hs, **kw)
+    for hs, (args, kw) in zip(hidden, calls, strict=True):
+        out = block(hs, *args, **kw)
         outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
+
+
+class _BlockStats:
+    """H and mean |x| of the selected linears of one block, from hooks during the block's forward passes.
+
+    Linears that read the same tensor in the same pass (q/k/v, gate/up, an expert's gate/up) share one
+    accumulator, so each distinct input's Gram matrix is formed once; a linear called on no token (an expert no
+    calibration token was routed to) ends with an empty accumulator (see :meth:`finalize`)."""
+
+    def __init__(self, linears: Mapping[str, nn.Module]) -> None:
+        self.owner: dict[str, str] = {}
+        self.acc: dict[str, HessianAccumulator] = {}
+        self.first_pass: dict[str, int] = {}
+        self.linears = dict(linears)
+        self._pass = 0
+        self._seen: dict[tuple[Any, ...], tuple[str, Tensor]] = {}
+
+    def new_pass(self) -> None:
+        self._pass += 1
+        self._seen = {}  # drops the references that kept this pass's inputs (and their addresses) alive
+
+    def add(self, name: str, x: Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+        other = self._seen.get(key)
+        if name not in self.owner:
+            self.first_pass[name] = self._pass
+            if other is not None and self.first_pass[other[0]] == self._pass:
+                self.owner[name] = self.owner[other[0]]  # read the same input since their first call: share
+                return
+            self.owner[name] = name
+            lin = self.linears[name]
+            self.acc[name] = HessianAccumulator(x.shape[-1], device=lin.weight.device)
+        if other is not None and self.owner[other[0]] == self.owner[name]:
+            return  # already added by the linear sharing this accumulator
+        self._seen.setdefault(key, (name, x))
+        self.acc[self.owner[name]].add(x.detach())
+
+    def hooks(self) -> list[Any]:
+        return [lin.register_forward_pre_hook(lambda _m, args, n=name: self.add(n, args[0]))
+                for name, lin in self.linears.items()]
+
+    def finalize(self) -> dict[str, tuple[Tensor, Tensor, str | None]]:
+        """{name: (H, mean_abs, fallback note or None)}. A linear that saw no token takes the pooled statistics of
+        its siblings (the linears of the same block whose names differ only in numeric parts, e.g. the other
+        experts' ``gate_proj``); with no sibling that saw tokens it is an error naming the layer."""
+        done = {owner: acc.finalize() for owner, acc in self.acc.items() if acc.count}
+        out: dict[str, tuple[Tensor, Tensor, str | None]] = {}
+        for name in self.linears:
+            owner = self.owner.get(name)
+            if owner in done:
+                out[name] = (*done[owner], None)
+                continue
+            pattern = re.sub(r"\.\d+\.", ".#.", f".{name}.")
+            sib = {self.owner[o] for o in self.owner if o != name and self.owner[o] in done
+                   and re.sub(r"\.\d+\.", ".#.", f".{o}.") == pattern}
+            if not sib:
+                raise ValueError(f"{name}: no calibration token reached this layer, and no sibling layer to "
+                                 "borrow statistics from; use more calibration samples")
+            count = sum(self.acc[o].count for o in sib)
+            H = sum(self.acc[o].sum_xx for o in sib) / count
+            mean_abs = (sum(self.acc[o].sum_abs for o in sib) / count).float()
+            out[name] = ((H + H.T) / 2, mean_abs, f"no calibration token was routed here: H pooled from "
+                                                  f"{len(sib)} sibling layer(s), {count} tokens")
+        return out
 
 
 def _layer_file(work_dir: Path, name: str) -> Path:
@@ -284,19 +393,17 @@ def compress_blocks(model: nn.Module, input_ids: Tensor, plan: CompressionPlan, 
     the ranks/budget for their shapes. Errors found later (a layer's calibration statistics H, checked by
     :func:`~qlr.decompose.decompose`) are raised as ValueError prefixed with the layer name, e.g.
     ``"model.layers.0.mlp.up_proj: H is all zeros ..."``."""
-    spec = arch_spec(model)
-    blocks = get_blocks(model, spec)
     wd = Path(work_dir) if work_dir is not None else None
     if resume and wd is None:
         raise ValueError("resume=True needs a work directory holding the finished layers")
     selected = check_model(model, plan)  # before any calibration work; errors name the layer
-    inputs, kwargs_list = capture_block_inputs(model, input_ids, batch_size)
+    path, blocks = find_blocks(model)
+    state = capture_block_inputs(model, input_ids, batch_size)
     metrics: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=len(blocks), desc="blocks", disable=not progress, unit="block")
     for b, block in enumerate(blocks):
-        prefix = f"{spec.blocks}.{b}."
-        groups = [[n for n in grp if prefix + n in selected] for grp in spec.linear_groups]
-        todo = {n: grp[0] for grp in groups if grp for n in grp}  # linear -> the group member H is captured at
+        prefix = f"{path}.{b}."
+        todo = [n[len(prefix):] for n in selected if n.startswith(prefix)]
         if todo:
             reloaded = {}
             if resume:
@@ -304,29 +411,32 @@ def compress_blocks(model: nn.Module, input_ids: Tensor, plan: CompressionPlan, 
                     got = _load_layer(wd, prefix + n, _device(model))  # type: ignore[arg-type]
                     if got is not None:
                         reloaded[n] = got
-            need = {todo[n] for n in todo if n not in reloaded}
-            stats: dict[str, HessianAccumulator] = {}
-            handles = []
-            for head in need:
-                lin = block.get_submodule(head)
-                stats[head] = HessianAccumulator(lin.in_features, device=lin.weight.device)
-                handles.append(lin.register_forward_pre_hook(
-                    lambda _m, args, acc=stats[head]: acc.add(args[0].detach())))
+            need = {n: block.get_submodule(n) for n in todo if n not in reloaded}
+            finals: dict[str, tuple[Tensor, Tensor, str | None]] = {}
             if need:
-                with torch.no_grad():
-                    _run_block(block, inputs, kwargs_list)
-            for h in handles:
-                h.remove()
-            finals = {head: acc.finalize() for head, acc in stats.items()}
-            layer_bar = tqdm(list(todo), desc=f"block {b}", leave=False, disable=not progress, unit="layer")
+                stats = _BlockStats(need)
+                handles = stats.hooks()
+                handles.append(block.register_forward_pre_hook(lambda *_: stats.new_pass()))
+                try:
+                    with torch.no_grad():
+                        _run_block(block, state.hidden, state.calls[b])
+                finally:
+                    for h in handles:
+                        h.remove()
+                try:
+                    finals = stats.finalize()
+                except ValueError as err:
+                    bar.close()
+                    raise ValueError(f"{prefix}{err}") from None
+            layer_bar = tqdm(todo, desc=f"block {b}", leave=False, disable=not progress, unit="layer")
             for n in layer_bar:
                 name = prefix + n
                 lin = block.get_submodule(n)
                 if n in reloaded:
                     module, met = reloaded[n]
                 else:
-                    H, mean_abs = finals[todo[n]]
-                    W = lin.weight.detach().float()
+                    H, mean_abs, fallback = finals[n]
+                    W = linear_weight(lin).float()
                     m_, n_ = W.shape
                     torch.manual_seed(seed)
                     t0 = time.perf_counter()
@@ -355,6 +465,8 @@ def compress_blocks(model: nn.Module, input_ids: Tensor, plan: CompressionPlan, 
                                                                                  "preserve_k", "init_lr_ratio")}
                     met = {"act_err": min(dec.history), "bits_per_weight": dec.bits_per_weight,
                            "rank": dec.rank, "shape": [m_, n_], "seconds": secs, "history": dec.history, **diag}
+                    if fallback is not None:
+                        met["h_fallback"] = fallback
                     if wd is not None:
                         _save_layer(wd, name, module, met)
                     if log is not None:
@@ -364,7 +476,7 @@ def compress_blocks(model: nn.Module, input_ids: Tensor, plan: CompressionPlan, 
                 metrics[name] = met
                 layer_bar.set_postfix(err=f"{met['act_err']:.4f}")
         with torch.no_grad():
-            inputs = _run_block(block, inputs, kwargs_list)
+            state.hidden = _run_block(block, state.hidden, state.calls[b])
         bar.update(1)
     bar.close()
     return metrics

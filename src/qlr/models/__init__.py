@@ -1,4 +1,5 @@
-"""Model facts and loading: architecture specs (``registry``), offline loading, tiny test models.
+"""Model facts and loading: decoder blocks and linears found from the module tree (``registry``), expert
+splitting (``moe``), offline loading, tiny test models.
 
 ``registry`` is imported eagerly (it needs only torch); ``load_model``, ``tiny_llama`` and ``ByteTokenizer``
 are resolved on first access so that importing the registry does not import transformers.
@@ -10,26 +11,34 @@ from typing import Any
 
 from qlr.models.registry import (
     ARCH_SPECS,
+    DEFAULT_SKIP,
     ArchSpec,
     arch_spec,
-    find_linears,
+    block_linears,
+    blocks_path,
+    find_blocks,
     get_blocks,
+    is_linear,
     iter_linears,
+    linear_weight,
     select_layers,
-    supported_architectures,
 )
 
 __all__ = [
     "ARCH_SPECS",
+    "DEFAULT_SKIP",
     "ArchSpec",
     "ByteTokenizer",
     "arch_spec",
-    "find_linears",
+    "block_linears",
+    "blocks_path",
+    "find_blocks",
     "get_blocks",
+    "is_linear",
     "iter_linears",
+    "linear_weight",
     "load_model",
     "select_layers",
-    "supported_architectures",
     "tiny_llama",
 ]
 

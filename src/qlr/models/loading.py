@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from qlr.data import cache_dir
-from qlr.models.registry import arch_spec
+from qlr.models.registry import find_blocks
 
 __all__ = ["KNOWN_MODELS", "PackagedGGUF", "load_model"]
 
@@ -65,24 +64,26 @@ KNOWN_MODELS: Mapping[str, PackagedGGUF] = MappingProxyType(
 _MARKER = "qlr_source.json"
 
 
-def _check_architecture(config: Any, where: str) -> None:
-    """Fail fast (before loading weights) if the config's architecture has no ``ArchSpec``."""
-    architectures = getattr(config, "architectures", None)
-    if architectures:
-        name = architectures[0]
-    else:  # GGUF configs carry only a model_type: use the class AutoModelForCausalLM would build
-        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, type(config).__name__)
-    try:
-        arch_spec(name)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
+def _check_causal_lm(config: Any, where: str) -> None:
+    """Fail fast (before loading weights) when transformers has no causal-LM class for the config."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"{where}: model type {config.model_type!r} has no causal-LM class in transformers "
+                         f"{_transformers_version()}; qlr compresses causal LMs (AutoModelForCausalLM)")
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _load_gguf(path: Path) -> tuple[PreTrainedModel, Any]:
     """Dequantize a GGUF file into a float32 transformers model, plus its tokenizer."""
     folder, filename = str(path.parent), path.name
     config = AutoConfig.from_pretrained(folder, gguf_file=filename, local_files_only=True)
-    _check_architecture(config, str(path))
+    _check_causal_lm(config, str(path))
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename, local_files_only=True)
     if importlib.util.find_spec("accelerate") is not None:
         model = AutoModelForCausalLM.from_pretrained(
@@ -140,7 +141,7 @@ def _load_directory(path: Path) -> tuple[PreTrainedModel, Any]:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    _check_architecture(config, str(path))
+    _check_causal_lm(config, str(path))
     model = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
@@ -153,8 +154,9 @@ def load_model(
 ) -> tuple[PreTrainedModel, Any]:
     """Load ``(model, tokenizer)`` from a known name, a local HF directory or a ``.gguf`` file, offline.
 
-    The model is returned in eval mode, cast to ``dtype`` and moved to ``device``. Its architecture must
-    be in ``qlr.models.registry.ARCH_SPECS`` (``ValueError`` otherwise). Raises ``FileNotFoundError`` for
+    The model is returned in eval mode, cast to ``dtype`` and moved to ``device``. Any architecture with an
+    ``AutoModelForCausalLM`` class whose decoder blocks :func:`~qlr.models.registry.find_blocks` finds is
+    accepted (``ValueError`` otherwise). Raises ``FileNotFoundError`` for
     a path that does not exist and ``ModuleNotFoundError`` (with the pip command) when the package holding
     a known model is missing.
     """
@@ -174,5 +176,5 @@ def load_model(
                 f"model {key!r} is neither a known name ({', '.join(KNOWN_MODELS)}) nor an existing "
                 "directory or .gguf file"
             )
-    arch_spec(model)
+    find_blocks(model)  # a model whose decoder blocks cannot be found fails here, with one line
     return model.to(device=device, dtype=dtype).eval(), tokenizer
