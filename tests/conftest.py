@@ -29,17 +29,22 @@ def tiny_model() -> torch.nn.Module:
 @pytest.fixture
 def model_dir(tmp_path: Path, tiny_model) -> Path:
     """``tiny_model`` saved as a local Hugging Face directory with a byte-level BPE tokenizer (no download)."""
+    path = tmp_path / "tiny-llama"
+    tiny_model.save_pretrained(path)
+    save_byte_tokenizer(path)
+    return path
+
+
+def save_byte_tokenizer(path: Path) -> None:
+    """Save a byte-level BPE tokenizer (256 tokens, no merges; no download) into the model directory ``path``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # 256 tokens, no merges
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    path = tmp_path / "tiny-llama"
-    tiny_model.save_pretrained(path)
     PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(path)
-    return path
 
 
 @pytest.fixture

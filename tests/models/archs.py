@@ -38,10 +38,11 @@ ARCHS: dict[str, tuple[str, str, dict]] = {
 MOE = ("mixtral", "qwen2_moe")
 
 
-def tiny_causal_lm(arch: str, seed: int = 0) -> nn.Module:
-    """A seeded random model of family ``arch`` (a key of :data:`ARCHS`), eval mode, global RNG untouched."""
+def tiny_causal_lm(arch: str, seed: int = 0, **overrides: object) -> nn.Module:
+    """A seeded random model of family ``arch`` (a key of :data:`ARCHS`), eval mode, global RNG untouched;
+    ``overrides`` replace config arguments (e.g. ``vocab_size=256``)."""
     config_cls, model_cls, kwargs = ARCHS[arch]
-    config = getattr(transformers, config_cls)(**kwargs)
+    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = getattr(transformers, model_cls)(config)
