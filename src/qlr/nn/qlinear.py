@@ -41,8 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from qlr.kernels import cpu, ops, reference
-from qlr.quant.e8p import E8P_DIM, LatticeQuantizedTensor
-from qlr.quant.grid import QuantizedTensor, QuantSpec, nf_levels
+from qlr.quant.e8p import E8P_DIM, LatticeQuantizedTensor, quantize_e8p
+from qlr.quant.grid import QuantizedTensor, QuantSpec, nf_levels, quantize_rtn
 from qlr.quant.packing import MAX_BITS, pack, unpack
 
 if TYPE_CHECKING:
@@ -89,6 +89,12 @@ class Codec(Protocol):
 
     def column_perm(self, bufs: Mapping[str, Tensor]) -> Tensor | None:
         """(n,) stored-to-original column map (stored column j is original column perm[j]), or None."""
+        ...
+
+    def quantize_like(self, x: Tensor, meta: Mapping[str, Any]) -> Any:
+        """Round the float matrix ``x`` (shape ``meta["shape"]``) into this codec's format with ``meta``'s settings
+        (bits, group size, stages, scale width); the result is what :meth:`encode` takes. Used to store factors
+        again after fine-tuning."""
         ...
 
     # optional: ``cpu_factor(bufs, meta) -> qlr.kernels.cpu.FactorPlan | None`` describes the factor to the fused
@@ -155,6 +161,11 @@ class GridCodec:
                 "symmetric": spec.symmetric, "fmt": spec.fmt, "scale_bits": spec.scale_bits, "zero": zero_fmt,
                 "perm": qt.perm is not None}
         return bufs, meta
+
+    def quantize_like(self, x: Tensor, meta: Mapping[str, Any]) -> QuantizedTensor:
+        if meta.get("perm"):
+            raise ValueError("cannot re-quantize a factor stored with a column permutation")
+        return quantize_rtn(x.detach().float(), self.spec(meta))
 
     def empty(self, meta: Mapping[str, Any], device: torch.device | str) -> dict[str, Tensor]:
         spec = self.spec(meta)
@@ -236,6 +247,9 @@ class LatticeCodec:
         bufs = {"codes": lt.codes.detach().clone(), "scale": scale.clone()}
         return bufs, {"codec": self.name, "shape": [m, n], "stages": stages, "scale_bits": lt.scale_bits}
 
+    def quantize_like(self, x: Tensor, meta: Mapping[str, Any]) -> LatticeQuantizedTensor:
+        return quantize_e8p(x.detach().float(), stages=meta["stages"], scale_bits=meta["scale_bits"])
+
     def empty(self, meta: Mapping[str, Any], device: torch.device | str) -> dict[str, Tensor]:
         m, n = meta["shape"]
         if n % E8P_DIM:
@@ -276,6 +290,9 @@ class DenseCodec:
     def encode(self, t: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return {"dense": t.detach().to(self.dtype).contiguous()}, {"codec": self.name, "shape": list(t.shape),
                                                                    "dtype": _dtype_name(self.dtype)}
+
+    def quantize_like(self, x: Tensor, meta: Mapping[str, Any]) -> Tensor:
+        return x.detach()
 
     def empty(self, meta: Mapping[str, Any], device: torch.device | str) -> dict[str, Tensor]:
         return {"dense": torch.empty(*meta["shape"], dtype=_dtype(meta["dtype"]), device=device)}
@@ -352,6 +369,8 @@ class QLRLinear(nn.Module):
                 raise ValueError(f"buffer {name!r}: got {tuple(t.shape)} {t.dtype}, metadata expects "
                                  f"{tuple(expected[name].shape)} {expected[name].dtype}")
             self.register_buffer(name, t)
+        self.register_parameter("l_train", None)  # set by train_factors(): float copies of L and R that the
+        self.register_parameter("r_train", None)  # forward uses instead of their codes while fine-tuning
 
     # ---- construction ------------------------------------------------------------------------------------------
     def _empty_buffers(self, device: torch.device | str) -> dict[str, Tensor]:
@@ -496,7 +515,9 @@ class QLRLinear(nn.Module):
 
         Runs the :mod:`qlr.kernels` ops: the Hadamard rotation of x (when stored rotated), ``x Qᵀ`` straight from
         Q's codes, ``(x Rᵀ) Lᵀ`` through L's and R's codecs, the rotation back and the bias. Differentiable with
-        respect to x (the ops have autograd formulas); the stored codes are constants."""
+        respect to x (the ops have autograd formulas); the stored codes are constants. After
+        :meth:`train_factors`, L and R come from the float parameters ``l_train``/``r_train`` instead (and are
+        differentiable too)."""
         n, m = self.in_features, self.out_features
         if x.shape[-1] != n:
             raise ValueError(f"QLRLinear expects inputs with last dim {n}, got shape {tuple(x.shape)}")
@@ -505,7 +526,8 @@ class QLRLinear(nn.Module):
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, n)
         B = x2.shape[0]
-        if (B <= cpu.GEMV_MAX_BATCH and x.device.type == "cpu" and cpu.lib() is not None
+        training_factors = self.l_train is not None
+        if (B <= cpu.GEMV_MAX_BATCH and x.device.type == "cpu" and cpu.lib() is not None and not training_factors
                 and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()):
             plan = self._fused_plan()
             if plan is not None:  # the whole layer in one compiled call (no per-op Python overhead)
@@ -524,7 +546,9 @@ class QLRLinear(nn.Module):
             y = self._matmul("q", xq)
         else:
             y = torch.zeros(x2.shape[0], m, dtype=dtype, device=x.device)
-        if self.rank > 0:  # y + (x Rᵀ) Lᵀ as one GEMM with accumulation; L is small (m × r)
+        if training_factors:  # differentiable in L and R (and x); out of place for autograd
+            y = y + (x2 @ self.r_train.to(dtype).T) @ self.l_train.to(dtype).T
+        elif self.rank > 0:  # y + (x Rᵀ) Lᵀ as one GEMM with accumulation; L is small (m × r)
             L = codec_for(name=self.meta["l"]["codec"]).dense(self._bufs("l"), self.meta["l"])
             y = y.addmm_(self._matmul("r", x2), L.to(dtype).T)
         if rotated:
@@ -532,6 +556,47 @@ class QLRLinear(nn.Module):
         if self.meta["bias"] is not None:
             y = y + self.bias.to(dtype)
         return y.reshape(*lead, m)
+
+    # ---- fine-tuning the low-rank factors ----------------------------------------------------------------------
+    def train_factors(self, dtype: torch.dtype = torch.float32) -> tuple[nn.Parameter, nn.Parameter]:
+        """Make L (m × r) and R (r × n) trainable: they are decoded once into float parameters ``l_train`` and
+        ``r_train`` (in the stored domain: rotated when the layer is), which :meth:`forward` then uses in place of
+        their codes. Q's codes, the rotation signs and the bias stay frozen buffers. Idempotent; returns
+        ``(l_train, r_train)``. Raises ValueError for a layer of rank 0."""
+        if self.rank == 0:
+            raise ValueError("this QLRLinear has rank 0: no L, R to train")
+        if self.l_train is None:
+            self.l_train = nn.Parameter(self._dense("l").to(dtype))
+            self.r_train = nn.Parameter(self._dense("r").to(dtype))
+        return self.l_train, self.r_train
+
+    @torch.no_grad()
+    def store_factors(self, storage: str = "requantize") -> None:
+        """End fine-tuning: write ``l_train``/``r_train`` back into the buffers and drop the parameters.
+
+        ``storage="requantize"`` rounds them into the formats they were stored in (same codec, bits, group size
+        or E8P stages; fresh scales), after balancing each rank-1 term so that ‖L[:, i]‖ = ‖R[i, :]‖ (the product
+        is unchanged); ``"fp16"`` keeps them as dense fp16 (the extra bits are counted by :meth:`storage_bits`).
+        """
+        if storage not in ("requantize", "fp16"):
+            raise ValueError(f"storage must be 'requantize' or 'fp16', got {storage!r}")
+        if self.l_train is None:
+            return
+        L, R = self.l_train.detach().float(), self.r_train.detach().float()
+        ln, rn = L.norm(dim=0).clamp_min(1e-30), R.norm(dim=1).clamp_min(1e-30)
+        c = (rn / ln).sqrt()
+        L, R = L * c, R / c[:, None]
+        for f, x in (("l", L), ("r", R)):
+            old = self.meta[f]
+            codec = codec_for(name="dense") if storage == "fp16" else codec_for(name=old["codec"])
+            bufs, fmeta = codec.encode(codec.quantize_like(x, old))
+            for k in [k for k in self._buffers if k.startswith(f + "_")]:
+                del self._buffers[k]
+            for k, v in bufs.items():
+                self.register_buffer(f"{f}_{k}", v.to(self.l_train.device).contiguous())
+            self.meta[f] = fmeta
+        self.l_train = None
+        self.r_train = None
 
     @torch.no_grad()
     def dequantize_weight(self) -> Tensor:

@@ -1,0 +1,267 @@
+"""QPEFT: fine-tune the low-rank factors of a compressed model on a frozen Q.
+
+Every :class:`~qlr.nn.QLRLinear` of rank > 0 gets float32 master copies of its stored L (m × r) and R (r × n)
+(:meth:`~qlr.nn.QLRLinear.train_factors`); everything else — Q's codes, the rotation signs, biases, embeddings,
+norms, the head — stays frozen. AdamW then minimises, over windows of token ids ``ids`` (N, T):
+
+* ``objective="kd"`` (recovery after compression): the mean over positions of KL(p_T ‖ p_S), with p_T the frozen
+  full-precision teacher's next-token distribution and p_S the compressed model's, both at ``temperature``;
+* ``objective="lm"`` (task adaptation): the causal-LM cross-entropy of the user's own text.
+
+At the end the factors are stored again (:meth:`~qlr.nn.QLRLinear.store_factors`): re-quantized into the formats
+they came in (``storage="requantize"``, bits/weight unchanged) or kept as fp16 (``"fp16"``, the extra bits
+counted). Step ``s`` trains on the windows drawn by a generator seeded with ``(seed, s)``, so a run resumed from a
+saved step sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..nn.qlinear import QLRLinear
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "trainable_layers"]
+
+_STATE = "finetune_state.safetensors"
+_STATE_META = "finetune_state.json"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Settings of :func:`finetune`.
+
+    Attributes:
+        steps: optimizer steps.
+        lr: peak AdamW learning rate of the factors (linear warm-up over ``warmup`` steps, cosine decay to
+            ``lr / 10``).
+        batch_size: windows per step.
+        objective: ``"kd"`` (match the teacher's next-token distribution) or ``"lm"`` (next-token cross-entropy).
+        temperature: softmax temperature of both distributions under ``"kd"``.
+        weight_decay: AdamW weight decay (decoupled).
+        warmup: warm-up steps.
+        grad_clip: global gradient-norm clip (0 = off).
+        storage: how the trained factors are stored: ``"requantize"`` (their original formats) or ``"fp16"``.
+        seed: seeds the window drawn at every step.
+        gradient_checkpointing: recompute each block's activations in the backward pass (transformers models).
+        save_every: with a ``work_dir``, save the training state every this many steps (0 = only at the end).
+    """
+
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 4
+    objective: str = "kd"
+    temperature: float = 1.0
+    weight_decay: float = 0.0
+    warmup: int = 10
+    grad_clip: float = 1.0
+    storage: str = "requantize"
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    save_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("kd", "lm"):
+            raise ValueError(f"objective must be 'kd' or 'lm', got {self.objective!r}")
+        if self.storage not in ("requantize", "fp16"):
+            raise ValueError(f"storage must be 'requantize' or 'fp16', got {self.storage!r}")
+        for name in ("steps", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("warmup", "save_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not (self.lr > 0 and self.temperature > 0 and self.weight_decay >= 0 and self.grad_clip >= 0):
+            raise ValueError("lr and temperature must be > 0, weight_decay and grad_clip >= 0")
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` did: the loss of every step, the tokens it trained on and the wall time."""
+
+    config: FinetuneConfig
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    layers: int = 0
+    trainable_parameters: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": asdict(self.config), "losses": self.losses, "tokens": self.tokens,
+                "seconds": self.seconds, "layers": self.layers, "trainable_parameters": self.trainable_parameters}
+
+
+def trainable_layers(model: nn.Module) -> dict[str, QLRLinear]:
+    """The compressed layers with factors to train (rank > 0), by name."""
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, QLRLinear) and mod.rank > 0}
+
+
+def _lr_at(step: int, cfg: FinetuneConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _batch(ids: Tensor, step: int, cfg: FinetuneConfig) -> Tensor:
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    rows = torch.randperm(ids.shape[0], generator=gen)[: cfg.batch_size]
+    return ids[rows]
+
+
+def _loss(student: nn.Module, teacher: nn.Module | None, batch: Tensor, cfg: FinetuneConfig) -> Tensor:
+    logits = student(batch).logits[:, :-1].float()
+    if cfg.objective == "lm":
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    assert teacher is not None
+    with torch.no_grad():
+        target = teacher(batch).logits[:, :-1].float()
+    t = cfg.temperature
+    log_p_s = F.log_softmax(logits / t, dim=-1).reshape(-1, logits.shape[-1])
+    log_p_t = F.log_softmax(target / t, dim=-1).reshape(-1, logits.shape[-1])
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * t * t
+
+
+def _save_state(work_dir: Path, step: int, layers: dict[str, QLRLinear], opt: torch.optim.Optimizer,
+                losses: list[float], cfg: FinetuneConfig) -> None:
+    tensors: dict[str, Tensor] = {}
+    for name, mod in layers.items():
+        for kind, p in (("l", mod.l_train), ("r", mod.r_train)):
+            tensors[f"{name}.{kind}"] = p.detach().cpu().contiguous()
+            st = opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    tensors[f"{name}.{kind}.{key}"] = st[key].detach().cpu().contiguous()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tmp = work_dir / (_STATE + ".tmp")
+    save_file(tensors, str(tmp))
+    meta = {"step": step, "losses": losses, "config": asdict(cfg)}
+    tmp_meta = work_dir / (_STATE_META + ".tmp")
+    tmp_meta.write_text(json.dumps(meta, sort_keys=True))
+    tmp.replace(work_dir / _STATE)  # tensors first, then the step that describes them
+    tmp_meta.replace(work_dir / _STATE_META)
+
+
+def _load_state(work_dir: Path, layers: dict[str, QLRLinear], opt: torch.optim.Optimizer,
+                cfg: FinetuneConfig) -> tuple[int, list[float]]:
+    meta_path, state_path = work_dir / _STATE_META, work_dir / _STATE
+    if not meta_path.is_file() or not state_path.is_file():
+        return 0, []
+    meta = json.loads(meta_path.read_text())
+    saved = {k: v for k, v in meta["config"].items() if k != "save_every"}
+    want = {k: v for k, v in asdict(cfg).items() if k != "save_every"}
+    if saved != want:
+        diff = ", ".join(f"{k}={saved.get(k)!r} (now {want[k]!r})" for k in want if saved.get(k) != want[k])
+        raise ValueError(f"cannot resume fine-tuning from {work_dir}: it was started with {diff}; use the same "
+                         "settings or a new work directory")
+    tensors = load_file(str(state_path))
+    step = int(meta["step"])
+    with torch.no_grad():
+        for name, mod in layers.items():
+            for kind, p in (("l", mod.l_train), ("r", mod.r_train)):
+                p.copy_(tensors[f"{name}.{kind}"])
+                if f"{name}.{kind}.exp_avg" in tensors:
+                    opt.state[p] = {"step": torch.tensor(float(step)),
+                                    "exp_avg": tensors[f"{name}.{kind}.exp_avg"].to(p),
+                                    "exp_avg_sq": tensors[f"{name}.{kind}.exp_avg_sq"].to(p)}
+    return step, list(meta["losses"])
+
+
+def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None, *,
+             teacher: nn.Module | None = None, work_dir: str | Path | None = None, resume: bool = False,
+             progress: bool = True, log: Callable[[str], None] | None = None) -> FinetuneResult:
+    """Fine-tune the L, R factors of ``model``'s compressed layers on the token windows ``ids`` (N, T), in place.
+
+    Args:
+        model: a causal LM whose compressed linears are :class:`~qlr.nn.QLRLinear` (from :func:`qlr.compress` or
+            :func:`qlr.load`); it must return ``.logits`` (B, T, vocab).
+        ids: training windows (N, T) of token ids; never the text you evaluate on.
+        config: :class:`FinetuneConfig` (default settings when None).
+        teacher: the full-precision model, required for ``objective="kd"`` (frozen, used under no_grad).
+        work_dir: where the training state is saved (every ``save_every`` steps and at the end); with
+            ``resume=True`` training continues from the saved step, with the same batches as an uninterrupted run.
+        progress: show a progress bar with the loss.
+        log: called with one line per 10 % of the steps.
+
+    Returns:
+        :class:`FinetuneResult`; the model's factors are stored back in their formats (``config.storage``).
+
+    Raises:
+        ValueError: no compressed layer with rank > 0, ``kd`` without a teacher, ids not (N, T) with T >= 2, or a
+            resume state written with other settings.
+    """
+    cfg = config or FinetuneConfig()
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise ValueError(f"ids must be token windows of shape (N, T) with T >= 2, got {tuple(ids.shape)}")
+    if cfg.objective == "kd" and teacher is None:
+        raise ValueError("objective='kd' needs the full-precision teacher model (teacher=...)")
+    if resume and work_dir is None:
+        raise ValueError("resume=True needs the work_dir the training state was saved in")
+    layers = trainable_layers(model)
+    if not layers:
+        raise ValueError("the model has no compressed layer with rank > 0: there are no L, R factors to train")
+    device = next(model.parameters()).device
+    frozen = {p: p.requires_grad for p in model.parameters()}  # restored at the end
+    for p in frozen:
+        p.requires_grad_(False)
+    params: list[nn.Parameter] = []
+    for mod in layers.values():
+        params.extend(mod.train_factors())
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    wd = Path(work_dir) if work_dir is not None else None
+    start, losses = _load_state(wd, layers, opt, cfg) if (resume and wd is not None) else (0, [])
+    was_training = model.training
+    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # transformers checkpoints only in training mode; LMs here have no active dropout at eval
+    result = FinetuneResult(cfg, losses=losses, layers=len(layers),
+                            trainable_parameters=sum(p.numel() for p in params))
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, cfg.steps), desc=f"finetune ({cfg.objective})", disable=not progress, unit="step",
+               initial=start, total=cfg.steps)
+    try:
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, cfg)
+            batch = _batch(ids, step, cfg).to(device)
+            loss = _loss(model, teacher, batch, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if log is not None and (step + 1) % max(1, cfg.steps // 10) == 0:
+                log(f"step {step + 1}/{cfg.steps}: loss {losses[-1]:.4f}")
+            if wd is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                _save_state(wd, step + 1, layers, opt, losses, cfg)
+    finally:
+        bar.close()
+        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    if wd is not None:
+        _save_state(wd, cfg.steps, layers, opt, losses, cfg)
+    for mod in layers.values():
+        mod.store_factors(cfg.storage)
+    result.tokens = (cfg.steps - start) * cfg.batch_size * ids.shape[1]
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,125 @@
+"""qlr.train.finetune: only L and R train, Q's codes stay bit-identical, the loss falls, storage is honest and a
+resumed run equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import qlr
+from qlr.models.tiny import tiny_llama
+from qlr.nn.qlinear import QLRLinear
+from qlr.train import FinetuneConfig, finetune, trainable_layers
+
+
+@pytest.fixture(scope="module")
+def compressed() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """(FP teacher, ODLRI-compressed student with E8P Q, E8P-4 L/R and a Hadamard rotation, training ids)."""
+    fp = tiny_llama(seed=0)
+    text = (b"the quick brown fox jumps over the lazy dog. " * 40)[:1024]
+    ids = torch.tensor(list(text)).reshape(16, 64)
+    student = copy.deepcopy(fp)
+    qlr.compress(student, "odlri", 2, rank=8, calibration=ids, progress=False, group_size=32, outer_iters=1,
+                 inner_iters=1)
+    return fp, student, ids
+
+
+def _codes(model):
+    return {f"{n}.{k}": v.clone() for n, mod in model.named_modules() if isinstance(mod, QLRLinear)
+            for k, v in mod._buffers.items() if k.startswith("q_") or k.startswith("signs")}
+
+
+def test_trainable_factors_compute_the_same_layer(compressed):
+    _, student, ids = compressed
+    layer = copy.deepcopy(next(iter(trainable_layers(student).values())))
+    x = torch.randn(5, layer.in_features)
+    with torch.no_grad():
+        before = layer(x)
+        layer.train_factors()
+        after = layer(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert layer.l_train.shape == (layer.out_features, layer.rank)
+    assert layer.r_train.shape == (layer.rank, layer.in_features)
+
+
+def test_gradients_reach_only_the_factors(compressed):
+    _, student, ids = compressed
+    model = copy.deepcopy(student)
+    params = [p for mod in trainable_layers(model).values() for p in mod.train_factors()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    model(ids[:2]).logits.float().logsumexp(-1).mean().backward()
+    trained = {id(p) for p in params}
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == (id(p) in trained), name
+    assert all(p.grad.abs().sum() > 0 for p in params)
+
+
+def test_kd_keeps_q_codes_and_bits_and_lowers_the_loss(compressed):
+    fp, student, ids = compressed
+    model = copy.deepcopy(student)
+    codes, bpw = _codes(model), {n: m.bits_per_weight for n, m in trainable_layers(model).items()}
+    res = finetune(model, ids, FinetuneConfig(steps=12, lr=3e-3, batch_size=4, warmup=2), teacher=fp,
+                   progress=False)
+    assert len(res.losses) == 12 and res.tokens == 12 * 4 * 64 and res.trainable_parameters > 0
+    after = _codes(model)
+    assert after.keys() == codes.keys() and all(torch.equal(after[k], codes[k]) for k in codes)
+    for name, mod in trainable_layers(model).items():
+        assert mod.l_train is None and mod.bits_per_weight == bpw[name]
+        assert mod.meta["l"]["codec"] == "e8p" and mod.meta["l"]["stages"] == 2
+    assert sum(res.losses[-3:]) < 0.8 * sum(res.losses[:3])
+    assert all(p.requires_grad for p in model.parameters())  # the caller's flags are restored
+
+
+def test_lm_objective_fp16_storage_counts_its_bits(compressed):
+    _, student, ids = compressed
+    model = copy.deepcopy(student)
+    bits0 = sum(m.storage_bits() for m in trainable_layers(model).values())
+    res = finetune(model, ids, FinetuneConfig(steps=15, lr=1e-2, batch_size=8, objective="lm", storage="fp16",
+                                              warmup=0), progress=False)
+    assert res.losses[-1] < res.losses[0]
+    layers = trainable_layers(model)
+    assert all(m.meta["l"]["codec"] == "dense" and m.meta["r"]["codec"] == "dense" for m in layers.values())
+    extra = sum(16 * m.rank * (m.in_features + m.out_features) - 4 * m.rank * (m.in_features + m.out_features)
+                for m in layers.values())
+    assert sum(m.storage_bits() for m in layers.values()) == pytest.approx(bits0 + extra, rel=0.01)
+
+
+def test_resume_equals_uninterrupted(compressed, tmp_path):
+    fp, student, ids = compressed
+    cfg = FinetuneConfig(steps=8, lr=3e-3, batch_size=4, warmup=2, save_every=4)
+    whole = copy.deepcopy(student)
+    finetune(whole, ids, cfg, teacher=fp, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def die_after_six(line: str) -> None:
+        if line.startswith("step 6/"):
+            raise Killed
+
+    first = copy.deepcopy(student)
+    with pytest.raises(Killed):
+        finetune(first, ids, cfg, teacher=fp, work_dir=tmp_path, progress=False, log=die_after_six)
+    again = copy.deepcopy(student)  # a fresh process reloads the compressed model
+    res = finetune(again, ids, cfg, teacher=fp, work_dir=tmp_path, resume=True, progress=False)
+    assert len(res.losses) == 8
+    for (name, a), (_, b) in zip(whole.named_buffers(), again.named_buffers(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="started with lr=0.003"):
+        finetune(copy.deepcopy(student), ids, FinetuneConfig(steps=8, lr=1e-3, batch_size=4, warmup=2),
+                 teacher=fp, work_dir=tmp_path, resume=True, progress=False)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="objective"):
+        FinetuneConfig(objective="dpo")
+    model = tiny_llama(seed=0)
+    with pytest.raises(ValueError, match="no compressed layer"):
+        finetune(model, torch.zeros(2, 8, dtype=torch.long), FinetuneConfig(objective="lm"), progress=False)
+    with pytest.raises(ValueError, match="needs the full-precision teacher"):
+        finetune(model, torch.zeros(2, 8, dtype=torch.long), FinetuneConfig(), progress=False)
