@@ -138,16 +138,22 @@ def test_hadamard(n: int, batch: int, transpose: bool, kernels: str) -> None:
                                x.double() @ Had.T / math.sqrt(n), rtol=0, atol=1e-5 * math.log2(n) * 4)
 
 
-def test_gradients_flow_to_x_only(kernels: str) -> None:
-    """Autograd through each op equals autograd through the dense product (codes and signs are constants)."""
+@pytest.mark.parametrize("tiled", [False, True])
+def test_gradients_flow_to_x_only(kernels: str, tiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autograd through each op equals autograd through the dense product (codes and signs are constants); with
+    ``tiled`` the backward decodes F in several row tiles (7 rows each), the last one partial."""
+    if tiled:
+        monkeypatch.setattr(ops, "TILE_ELEMS", 7 * 96)
+        monkeypatch.setattr(ops, "TILE_MIN_ROWS", 1)
+        monkeypatch.setattr(ops.reference, "TILE_ROWS", 7)
     qt = random_grid(20, 96, QuantSpec(bits=3, group_size=32))
     bufs, meta = GridCodec().encode(qt)
     lt = LatticeQuantizedTensor.from_codes(torch.randint(-(2**15), 2**15, (2, 96, 12)).to(torch.int16), [0.5, 0.125])
     lbufs, lmeta = LatticeCodec().encode(lt)
     pre, post = (torch.randint(0, 2, (96,)).float() * 2 - 1 for _ in range(2))
     Had = hadamard_matrix(96, torch.float32) / math.sqrt(96)
-    x = torch.randn(4, 96, requires_grad=True)
-    w = torch.randn(4, 20)
+    x = torch.randn(11, 96, requires_grad=True)  # more rows than the fused small-batch path takes
+    w = torch.randn(11, 20)
 
     def f_ops(x: torch.Tensor) -> torch.Tensor:
         h = ops.hadamard(LatticeCodec().matmul(x, lbufs, lmeta), pre, post, True)

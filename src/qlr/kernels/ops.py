@@ -73,6 +73,20 @@ def _tiled(x: Tensor, m: int, n: int, decode) -> Tensor:  # noqa: ANN001 - decod
     return y
 
 
+def _tiled_t(g: Tensor, m: int, n: int, decode) -> Tensor:  # noqa: ANN001 - decode(r0, r1, out) fills out
+    """g (B, m) @ F (m × n) → (B, n), decoding F a tile of rows at a time (the gradient of x @ Fᵀ)."""
+    rows = max(1, min(m, max(TILE_MIN_ROWS, TILE_ELEMS // max(n, 1))))
+    buf = _scratch(rows * n)
+    gf = g if g.dtype == torch.float32 else g.float()
+    out = torch.zeros(g.shape[0], n, dtype=torch.float32)
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        tile = buf[: (r1 - r0) * n].view(r1 - r0, n)
+        decode(r0, r1, tile)
+        out.addmm_(gf[:, r0:r1], tile)
+    return out if g.dtype == torch.float32 else out.to(g.dtype)
+
+
 def _small(x: Tensor, m: int, gemv) -> Tensor:  # noqa: ANN001 - gemv(xf, out)
     xf = x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous()
     out = torch.empty(x.shape[0], m, dtype=torch.float32)
@@ -171,12 +185,31 @@ def _save_inputs(ctx, inputs, output) -> None:  # noqa: ANN001
     ctx.args = inputs[1:]
 
 
+def _grid_mm_t(g: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None, levels: Tensor | None, bits: int,
+               n: int, group_len: int, zero_const: float) -> Tensor:
+    """g (B, m) @ F → (B, n): compiled tile decoding + BLAS on CPU, else the reference."""
+    if g.device.type != "cpu" or not use_compiled(g) or scale.dtype not in cpu.SCALE_KINDS:
+        return reference.grid_mm_t(g, codes, scale, zero, levels, bits, n, group_len, zero_const)
+    codes, scale, sk, zero, zk, lv = _grid_args(codes, scale, zero, levels)
+    glen = group_len or n
+    return _tiled_t(g, codes.shape[0], n, lambda r0, r1, out: cpu.grid_decode(codes, scale, sk, zero, zk, zero_const,
+                                                                             lv, bits, n, glen, r0, r1, out))
+
+
+def _e8p_mm_t(g: Tensor, codes: Tensor, scale: Tensor) -> Tensor:
+    """g (B, m) @ F → (B, n) for E8P codes: compiled tile decoding + BLAS on CPU, else the reference."""
+    if g.device.type != "cpu" or not use_compiled(g):
+        return reference.e8p_mm_t(g, codes, scale)
+    codes, sc = codes.contiguous(), scale.float().contiguous()
+    return _tiled_t(g, codes.shape[1], codes.shape[2] * 8, lambda r0, r1, out: cpu.e8p_decode(codes, sc, r0, r1, out))
+
+
 def _grid_mm_backward(ctx, grad):  # noqa: ANN001, ANN202
-    return (reference.grid_mm_t(grad, *ctx.args),) + (None,) * len(ctx.args)
+    return (_grid_mm_t(grad.contiguous(), *ctx.args),) + (None,) * len(ctx.args)
 
 
 def _e8p_mm_backward(ctx, grad):  # noqa: ANN001, ANN202
-    return (reference.e8p_mm_t(grad, *ctx.args),) + (None,) * len(ctx.args)
+    return (_e8p_mm_t(grad.contiguous(), *ctx.args),) + (None,) * len(ctx.args)
 
 
 def _hadamard_backward(ctx, grad):  # noqa: ANN001, ANN202
