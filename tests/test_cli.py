@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from qlr.cli import main
 
@@ -182,3 +183,189 @@ def test_compress_help_shows_defaults_and_methods(capsys):
                      "caldera, gptq, loftq, lorc, lqer, odlri", "code width of Q", "input columns per scale/zero group",
                      "smallest feasible value"):
         assert expected in text, expected
+
+
+# --- interrupted runs: resume refuses other settings; kill -9 anywhere, resume, same bytes ------------------------
+
+
+def _save_model_dir(model, path: Path) -> Path:
+    """``model`` as a local Hugging Face directory with a byte-level BPE tokenizer (as the ``model_dir`` fixture)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(path)
+    return path
+
+
+def _interrupt_after(monkeypatch, n_layers: int) -> None:
+    """Make the next compression stop (KeyboardInterrupt, as Ctrl-C would) once ``n_layers`` layers are written."""
+    import qlr.calibration.pipeline as pl
+
+    real, done = pl.save_layer, []
+
+    def save_layer(*a, **k):
+        real(*a, **k)
+        done.append(1)
+        if len(done) >= n_layers:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pl, "save_layer", save_layer)
+
+
+def _compress_args(model_dir, text_file, out, *extra):
+    return ["compress", "--model", str(model_dir), "--calib-text", str(text_file), "--calib-samples", "2",
+            "--seqlen", "32", "--method", "lorc", "--bits", "3", "--rank", "4", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("change, shown", [
+    (["--method", "caldera", "--opt", "outer_iters=1"], "method=lorc, options={}; this one method=caldera, "
+                                                         'options={"outer_iters": 1}'),
+    (["--bits", "2"], "bits=3; this one bits=2"),
+    (["--rank", "8"], "rank=4; this one rank=8"),
+    (["--seed", "1"], "seed=0; this one calibration_ids_sha256="),  # other windows too
+    (["--calib-samples", "3"], "calibration_shape=[2, 32]"),
+    (["--lr-bits", "4"], 'options={}; this one options={"lr_bits": 4}'),
+    (["--model", "OTHER"], "model_weights_sha256="),
+])
+def test_resume_refuses_another_run(tmp_path, model_dir, text_file, capsys, monkeypatch, change, shown):
+    from qlr.models.tiny import tiny_llama
+
+    out = tmp_path / "o"
+    _interrupt_after(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        main(_compress_args(model_dir, text_file, out))
+    monkeypatch.undo()
+    assert len(list((tmp_path / "o.partial" / "layers").iterdir())) == 3
+    if change[:2] == ["--model", "OTHER"]:
+        change = ["--model", str(_save_model_dir(tiny_llama(seed=1), tmp_path / "other"))]
+    capsys.readouterr()
+    assert main(_compress_args(model_dir, text_file, out, "--resume", *change)) == 2
+    err = _one_line_error(capsys)
+    assert f"cannot resume: the run in {tmp_path / 'o.partial'} used " in err and shown in err, err
+    assert "delete it to start over" in err
+    assert len(list((tmp_path / "o.partial" / "layers").iterdir())) == 3  # left as it was
+
+
+def test_keep_failed_layers(tmp_path, text_file, capsys):
+    from qlr.models.tiny import tiny_llama
+
+    model = tiny_llama(seed=0)
+    with torch.no_grad():  # down_proj of block 0 then reads act(gate)·0 = 0: its H is all zero
+        model.model.layers[0].mlp.up_proj.weight.zero_()
+    model_dir = _save_model_dir(model, tmp_path / "m")
+    args = _compress_args(model_dir, text_file, tmp_path / "o", "--layers", "down_proj")
+    assert main(args) == 2
+    assert "model.layers.0.mlp.down_proj: H is all zeros" in _one_line_error(capsys)
+    assert main([*args, "--resume", "--keep-failed-layers"]) == 0  # the failed run's layers are reused
+    text = capsys.readouterr().out
+    assert "compressed 1 linears" in text and "kept 1 linear(s) in full precision" in text
+    assert main(["inspect", str(tmp_path / "o")]) == 0
+    text = capsys.readouterr().out
+    assert "kept in full precision: model.layers.0.mlp.down_proj (64 × 128 float32): H is all zeros" in text
+
+
+def test_inspect_fails_loudly_on_inconsistent_metadata(tmp_path, model_dir, text_file, capsys):
+    out = tmp_path / "o"
+    assert main(_compress_args(model_dir, text_file, out, "--method", "rtn", "--rank", "0")) == 0
+    cfg = json.loads((out / "qlr_config.json").read_text())
+    cfg["layers"][0]["meta"]["storage_bits"] += 64
+    (out / "qlr_config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 2  # the manifest notices the edit ...
+    assert "qlr_config.json' fails its manifest check" in capsys.readouterr().err
+    _resign(out)
+    assert main(["inspect", str(out)]) == 2  # ... and, re-signed, the metadata does not add up
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "is inconsistent: layer model.layers.0.self_attn.q_proj: its metadata computes" in err
+
+
+def _resign(directory: Path) -> None:
+    """Rewrite manifest.sha256 for the current qlr_config.json (what a deliberate edit of both would do)."""
+    from qlr.data import file_sha256
+
+    lines = (directory / "manifest.sha256").read_text().splitlines()
+    fixed = [f"{file_sha256(directory / 'qlr_config.json')}  qlr_config.json" if line.endswith("  qlr_config.json")
+             else line for line in lines]
+    (directory / "manifest.sha256").write_text("\n".join(fixed) + "\n")
+
+
+_CHILD = """
+import os, sys, time
+import qlr.calibration.pipeline as pl
+import qlr.io as io
+real_save = pl.save_layer
+def save_layer(*a, **k):
+    real_save(*a, **k)
+    print("layer", flush=True)
+pl.save_layer = save_layer
+if os.environ.get("QLR_TEST_SLOW_SAVE"):
+    real_hf = io._write_hf_config
+    def slow(*a, **k):
+        print("saving", flush=True)
+        time.sleep(60)
+        return real_hf(*a, **k)
+    io._write_hf_config = slow
+from qlr.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run_and_kill(args: list[str], after_layers: int | None, delay: float, slow_save: bool = False) -> int:
+    """Run the CLI in a subprocess and SIGKILL it ``delay`` seconds after it wrote ``after_layers`` layers (or
+    entered the final save); None: let it finish. Returns the number of layers it wrote."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "QLR_TEST_SLOW_SAVE": "1" if slow_save else ""}
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    written = 0
+    for line in proc.stdout:
+        written += line.startswith("layer")
+        if (after_layers is not None and written >= after_layers) or line.startswith("saving"):
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.stdout.close()
+    rc = proc.wait(timeout=120)
+    assert rc == (-signal.SIGKILL if after_layers is not None or slow_save else 0), rc
+    return written
+
+
+def test_kill_anywhere_then_resume_gives_identical_bytes(tmp_path, text_file):
+    """kill -9 at random points (between and inside layers, and during the final save), resume each time: the
+    checkpoint has the same bytes as an uninterrupted run's (only run_log.json, the timings, differs)."""
+    import random
+
+    from qlr.models.tiny import tiny_llama
+
+    model_dir = _save_model_dir(tiny_llama(seed=0, layers=4, hidden=32, intermediate=64), tmp_path / "m")
+    ref, out = tmp_path / "ref", tmp_path / "o"
+    # rtn: each layer takes about a millisecond, so that the test's time goes to the kills and resumes
+    args = ["--method", "rtn", "--rank", "0"]
+    assert main(_compress_args(model_dir, text_file, ref, *args)) == 0  # in this process: checks across processes
+    rng = random.Random(14)
+    total, done = 4 * 7, 0
+    for _ in range(3):  # kill after a random number of layers, a random fraction of a millisecond or more later
+        stop = rng.randint(1, max(1, (total - done) // 2))
+        done += _run_and_kill(_compress_args(model_dir, text_file, out, "--resume", *args), stop,
+                              rng.uniform(0, 0.003))
+    _run_and_kill(_compress_args(model_dir, text_file, out, "--resume", *args), None, rng.uniform(0, 0.05),
+                  slow_save=True)
+    assert (tmp_path / "o.partial").is_dir() and not out.exists()  # the save was cut: OUT untouched
+    assert main(_compress_args(model_dir, text_file, out, "--resume", *args)) == 0
+    names = sorted(p.name for p in ref.iterdir())
+    assert names == sorted(p.name for p in out.iterdir()) and "manifest.sha256" in names
+    for name in names:
+        if name != "run_log.json":
+            assert (ref / name).read_bytes() == (out / name).read_bytes(), name
+    assert not (tmp_path / "o.partial").exists() and not list(tmp_path.glob(".o.qlr-saving"))

@@ -75,6 +75,42 @@ def test_calibration_batches_whole_text_window(byte_tokenizer) -> None:
     assert torch.equal(batch, torch.tensor([list(b"abcdefgh")] * 3))
 
 
+def _windows_as_before(tokenizer, text: str, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The calibration windows as qlr chose them before the token cache (published figures depend on them): the
+    whole text tokenised, then seeded uniform window starts."""
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False)
+    ids = torch.as_tensor(enc["input_ids"], dtype=torch.long).reshape(-1)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (n_samples,), generator=torch.Generator().manual_seed(seed))
+    return ids[starts[:, None] + torch.arange(seqlen)[None, :]]
+
+
+def test_calibration_windows_are_pinned(byte_tokenizer, sample_text: str) -> None:
+    assert calibration_batches(byte_tokenizer, sample_text, 3, 6, seed=7).tolist() == [
+        [109, 111, 110, 101, 121, 32], [105, 109, 32, 97, 98, 111], [32, 104, 111, 119, 32, 108]]
+
+
+def test_cached_tokenisation_gives_the_same_windows(cache: Path, model_dir: Path, sample_text: str,
+                                                     monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    text = sample_text * 40  # long enough to be cached once the threshold is lowered
+    monkeypatch.setattr(data, "CACHE_MIN_CHARS", 10_000)
+    want = _windows_as_before(tok, text, 16, 64, seed=5)
+    first = calibration_batches(tok, text, 16, 64, seed=5, progress=True)
+    assert "tokenising 0.0M characters (cached for later runs)" in capsys.readouterr().err
+    assert len(list((cache / "tokens").glob("*.safetensors"))) == 1
+    cached = calibration_batches(tok, text, 16, 64, seed=5)
+    assert torch.equal(first, want) and torch.equal(cached, want) and cached.dtype == torch.long
+    for seed in range(4):  # any seed: the cached ids are the whole text's ids
+        assert torch.equal(calibration_batches(tok, text, 8, 100, seed), _windows_as_before(tok, text, 8, 100, seed))
+    assert torch.equal(calibration_batches(tok, text[:-1], 4, 64, 0), _windows_as_before(tok, text[:-1], 4, 64, 0))
+    assert len(list((cache / "tokens").glob("*.safetensors"))) == 2  # keyed by the text
+    for path in (cache / "tokens").glob("*.safetensors"):
+        path.write_bytes(b"damaged")
+    assert torch.equal(calibration_batches(tok, text, 16, 64, seed=5), want)  # tokenised again
+
+
 def test_calibration_batches_too_short(byte_tokenizer) -> None:
     with pytest.raises(ValueError, match="fewer than seqlen=64"):
         calibration_batches(byte_tokenizer, "too short", n_samples=1, seqlen=64, seed=0)

@@ -66,7 +66,8 @@ def tiny_compressed_llama(decomposition=_rtn_decomposition) -> tuple[nn.Module, 
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, torch.Tensor]:
     model, act_err = tiny_compressed_llama()
     directory = tmp_path_factory.mktemp("ckpt") / "tiny"
-    info = {"method": "rtn", "bits": 2, "rank": 4, "options": {"group_size": 32},
+    # a hand-made model (2/3/4-bit Q, rank-4 L R): no qlr method made it, so no method/bits for inspect to check
+    info = {"method": None, "bits": None, "rank": 4, "options": {"group_size": 32},
             "calibration_sha256": "0" * 64, "layer_metrics": {k: {"act_err": v} for k, v in act_err.items()},
             "note": "test"}
     io.save(model, directory, info=info)
@@ -106,7 +107,7 @@ def test_tied_weights_survive(saved: tuple[nn.Module, Path, torch.Tensor]) -> No
 def test_config_contents(saved: tuple[nn.Module, Path, torch.Tensor]) -> None:
     model, directory, _ = saved
     cfg = json.loads((directory / io.CONFIG_NAME).read_text())
-    assert cfg["format_version"] == io.FORMAT_VERSION and cfg["method"] == "rtn" and cfg["rank"] == 4
+    assert cfg["format_version"] == io.FORMAT_VERSION and cfg["method"] is None and cfg["rank"] == 4
     assert cfg["model_class"] == "LlamaForCausalLM" and cfg["model_config"]["hidden_size"] == 64
     assert cfg["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
     assert cfg["extra"] == {"note": "test"} and cfg["calibration_sha256"] == "0" * 64
@@ -214,3 +215,131 @@ def test_replace_linear() -> None:
     assert isinstance(old, nn.Linear) and model[0][0] is new
     with pytest.raises(AttributeError, match="no submodule"):
         io.replace_linear(model, "0.5", new)
+
+
+# ---- integrity of qlr_config.json, deterministic bytes, consistency of the metadata -----------------------------
+
+
+def _resign(directory: Path) -> None:
+    """Rewrite manifest.sha256 for the current qlr_config.json (what a deliberate edit of both would do)."""
+    from qlr.data import file_sha256
+
+    lines = (directory / io.MANIFEST_NAME).read_text().splitlines()
+    fixed = [f"{file_sha256(directory / io.CONFIG_NAME)}  {io.CONFIG_NAME}" if line.endswith(f"  {io.CONFIG_NAME}")
+             else line for line in lines]
+    (directory / io.MANIFEST_NAME).write_text("\n".join(fixed) + "\n")
+
+
+def _edit_config(directory: Path, edit, resign: bool = True) -> None:
+    cfg = json.loads((directory / io.CONFIG_NAME).read_text())
+    edit(cfg)
+    (directory / io.CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+    if resign:
+        _resign(directory)
+
+
+def test_manifest_covers_the_config(saved: tuple[nn.Module, Path, torch.Tensor], tmp_path: Path) -> None:
+    d = _copy(saved[1], tmp_path)
+    from qlr.data import file_sha256
+
+    manifest = dict(line.split("  ")[::-1] for line in (d / io.MANIFEST_NAME).read_text().splitlines())
+    assert manifest[io.CONFIG_NAME] == file_sha256(d / io.CONFIG_NAME)
+    assert set(manifest) == {io.CONFIG_NAME, *json.loads((d / io.CONFIG_NAME).read_text())["files"]}
+    _edit_config(d, lambda c: c["layers"][0]["metrics"].update(act_err=0.0001), resign=False)
+    for fn in (io.verify, io.load, io.inspect, io.load_tokenizer):
+        with pytest.raises(ValueError, match=r"qlr_config\.json' fails its manifest check: .*edited or corrupted"):
+            fn(d)
+    (d / io.MANIFEST_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=r"manifest\.sha256' is missing"):
+        io.load(d)
+
+
+def test_same_model_same_bytes_and_timings_apart(tmp_path: Path) -> None:
+    model, act_err = tiny_compressed_llama()
+    info = {"method": None, "seconds": 12.5, "calib_samples": 4,
+            "layer_metrics": {k: {"act_err": v, "seconds": 0.25, "history": [v]} for k, v in act_err.items()}}
+    io.save(model, tmp_path / "a", info=info)
+    io.save(model, tmp_path / "b", info={**info, "seconds": 99.0})
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert io.RUN_LOG_NAME in names and names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in names:
+        same = (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        assert same == (name != io.RUN_LOG_NAME), name
+    text = (tmp_path / "a" / io.CONFIG_NAME).read_text()
+    assert '"seconds"' not in text and json.loads(text)["extra"] == {"calib_samples": 4}
+    log = json.loads((tmp_path / "a" / io.RUN_LOG_NAME).read_text())
+    assert log["seconds"] == 12.5 and set(log["layers"]) == set(act_err)
+    with safe_open(str(tmp_path / "a" / io.WEIGHTS_NAME), "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # one key: a map's order would vary per process
+
+
+def test_interrupted_save_leaves_the_old_checkpoint(saved: tuple[nn.Module, Path, torch.Tensor], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    d = _copy(saved[1], tmp_path)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "_write_hf_config", dies)
+    with pytest.raises(KeyboardInterrupt):
+        io.save(saved[0], d)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    monkeypatch.undo()
+    io.save(saved[0], d)  # the next save clears the staging directory and replaces the checkpoint
+    assert not list(tmp_path.glob(".copy.qlr-saving")) and io.verify(d)
+
+
+@pytest.fixture(scope="module")
+def lattice_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama compressed with ODLRI at 2 bits: E8P lattice Q (``stages`` in its metadata), rank 8."""
+    import qlr
+    from qlr.models.tiny import ByteTokenizer, tiny_llama
+
+    model = qlr.compress(tiny_llama(seed=0), "odlri", bits=2, rank=8, tokenizer=ByteTokenizer(),
+                         calibration=["Call me Ishmael. " * 40], calib_samples=2, seqlen=32, progress=False,
+                         layers=r"layers\.0\.self_attn", outer_iters=1, inner_iters=1)
+    directory = tmp_path_factory.mktemp("lattice") / "ck"
+    qlr.save(model, directory)
+    return directory
+
+
+def _first_e8p(cfg: dict) -> dict:
+    return next(layer for layer in cfg["layers"] if layer["meta"]["q"]["codec"] == "e8p")
+
+
+def test_edited_codec_metadata_is_one_clear_error(lattice_ckpt: Path, tmp_path: Path) -> None:
+    d = _copy(lattice_ckpt, tmp_path)
+    name = _first_e8p(json.loads((d / io.CONFIG_NAME).read_text()))["name"]
+    _edit_config(d, lambda c: _first_e8p(c)["meta"]["q"].update(stages=2))
+    with pytest.raises(ValueError) as err:
+        io.load(d)
+    msg = str(err.value)
+    assert "\n" not in msg and f"layer {name}: " in msg and "model.safetensors' stores q_codes as I16 [1, " in msg
+    assert "its metadata in qlr_config.json describes I16 [2, " in msg
+    with pytest.raises(ValueError, match=f"layer {name}: .* stores q_codes"):
+        io.inspect(d)
+    _edit_config(d, lambda c: _first_e8p(c)["meta"]["q"].update(codec="nope"))
+    with pytest.raises(ValueError, match=f"layer {name}: its metadata does not describe a valid QLRLinear"):
+        io.load(d)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c["layers"][0]["meta"].update(storage_bits=c["layers"][0]["meta"]["storage_bits"] + 8),
+     r"its metadata computes \d+ storage bits but records"),
+    (lambda c: c["layers"][0]["metrics"].update(rank=4), "metadata rank 8, recorded metrics rank 4"),
+    (lambda c: c["layers"][0]["metrics"].update(bits_per_weight=2.0), "but the run recorded 2.0000"),
+    (lambda c: c.update(bits=3), "Q has 2-bit codes, the run says bits=3"),
+    (lambda c: c.update(rank=16), "rank 8, but method odlri with rank=16, budget=None gives 16"),
+    (lambda c: c.update(method="rtn", options={}), "rank 8, but method rtn .* gives 0"),
+    (lambda c: c.update(method="rtn"), r"the recorded plan .* is not a valid qlr plan: .*outer_iters.*; re-run"),
+    (lambda c: c["full_precision_layers"].update({"model.layers.0.mlp.up_proj": {"shape": [64, 64]}}),
+     "recorded as kept in full precision, but the file holds no"),
+])
+def test_inspect_reconciles_metadata(lattice_ckpt: Path, tmp_path: Path, edit, match) -> None:
+    assert io.inspect(lattice_ckpt)["num_layers"] == 4
+    d = _copy(lattice_ckpt, tmp_path)
+    _edit_config(d, edit)
+    with pytest.raises(ValueError, match=match) as err:
+        io.inspect(d)
+    assert "is inconsistent: " in str(err.value) and "\n" not in str(err.value)

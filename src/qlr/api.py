@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import io as _io
-from .calibration.pipeline import CompressionPlan, check_model, compress_blocks
+from .calibration.pipeline import CompressionPlan, check_model, compress_blocks, run_fingerprint
 from .data import calibration_batches, load_text, text_hash
 from .models.loading import load_model
 
@@ -28,7 +28,7 @@ def compress(model_or_path: nn.Module | str | os.PathLike[str], method: str = "o
              calib_samples: int = 64, seqlen: int = 512, layers: str | None = None, budget: float | None = None,
              device: str | torch.device | None = None, seed: int = 0, work_dir: str | Path | None = None,
              resume: bool = False, batch_size: int = 8, progress: bool = True, log: Any = None,
-             **method_options: Any) -> nn.Module:
+             on_error: str = "fail", **method_options: Any) -> nn.Module:
     """Compress every selected decoder linear of a causal LM into a :class:`~qlr.nn.QLRLinear` (W ≈ Q + L R).
 
     Args:
@@ -36,27 +36,43 @@ def compress(model_or_path: nn.Module | str | os.PathLike[str], method: str = "o
             (``"smollm2-135m"``), a local Hugging Face directory or a ``.gguf`` file.
         method, bits, rank: see :func:`qlr.decompose`; ``rank`` may be a fraction of min(m, n) (e.g. 0.05).
         calibration: a built-in corpus name ("sotu"), a path to local text, a list of strings, or token ids.
-        calib_samples, seqlen: number and length of calibration windows.
+        calib_samples, seqlen: number and length of calibration windows (see :func:`qlr.data.calibration_batches`;
+            a long corpus is tokenised once and its token ids cached, with ``progress`` showing the elapsed time).
         layers: regex selecting linears by model-relative name (default: every decoder linear; never embeddings
             or lm_head).
         budget: all-in bits per weight; picks each layer's rank so the layer lands at (at most) that cost.
         device: where to run (default: the model's device).
-        work_dir: where finished layers are written as they complete; with ``resume=True`` they are reloaded.
+        work_dir: where the run's fingerprint and finished layers are written as they complete; with
+            ``resume=True`` they are reloaded, and a work directory left by a run with another model (weights or
+            config), plan, calibration token ids, seed, batch size, device or qlr version is refused with a
+            one-line list of the differences (see :mod:`qlr.calibration.workdir`). Without ``resume``, the layer
+            files found there are discarded.
+        on_error: what a layer that cannot be decomposed (unusable calibration statistics, a failed
+            factorisation) does to the run: ``"fail"`` (default) raises ValueError naming it; ``"keep"`` leaves it
+            in full precision, listed in ``model.qlr_info["full_precision_layers"]`` (and so in the checkpoint
+            and ``qlr inspect``). Selected weights that are themselves invalid are an error either way.
         **method_options: options of the method's config (e.g. ``outer_iters``, ``lr_bits``, ``odlri_k``).
 
     Returns:
-        The model, layers replaced in place; ``model.qlr_info`` describes the run and holds per-layer metrics.
+        The model, layers replaced in place; ``model.qlr_info`` describes the run (plan, calibration hashes, the
+        run fingerprint, all-in ``bits_per_weight`` over the selected layers, full-precision ones at their dtype's
+        bits) and holds per-layer metrics; ``seconds`` fields are timings (:func:`save` keeps them out of the
+        hashed checkpoint).
 
     Raises:
         ValueError: before any calibration work, for an invalid plan (method, options, bits, rank, budget, layer
             pattern), an unknown device, unreadable calibration text, a selected weight that is meta, empty,
             non-finite or all zero (the message names the layer), or a ``budget`` below what Q alone costs (the
-            message states the smallest feasible budget); during the run, for a layer whose calibration statistics
-            are unusable (named in the message).
+            message states the smallest feasible budget), a ``resume`` whose work directory holds another run
+            (the message lists every difference) or a damaged layer file (named, with how to recover); during the
+            run, with ``on_error="fail"``, for a layer whose calibration statistics are unusable (named in the
+            message).
     """
     plan = CompressionPlan(method=method, bits=bits, rank=rank, budget=budget, layers=layers,
                            options=dict(method_options))
     plan.check()
+    if on_error not in ("fail", "keep"):
+        raise ValueError(f"on_error must be 'fail' or 'keep', got {on_error!r}")
     if device is not None:
         device = check_device(device)
     text: str | None = None
@@ -79,19 +95,23 @@ def compress(model_or_path: nn.Module | str | os.PathLike[str], method: str = "o
             ids = ids[None]
     else:
         calib_hash = text_hash(text)
-        ids = calibration_batches(tokenizer, text, calib_samples, seqlen, seed)
+        ids = calibration_batches(tokenizer, text, calib_samples, seqlen, seed, progress=progress)
+    fingerprint = run_fingerprint(model, ids, plan, seed=seed, batch_size=batch_size)
     t0 = time.perf_counter()
     metrics = compress_blocks(model, ids, plan, batch_size=batch_size, work_dir=work_dir, resume=resume,
-                              progress=progress, seed=seed, log=log)
+                              progress=progress, seed=seed, log=log, on_error=on_error, fingerprint=fingerprint)
+    kept = {name: met for name, met in metrics.items() if "full_precision" in met}
     n_w = sum(m["shape"][0] * m["shape"][1] for m in metrics.values())
     bpw = sum(m["bits_per_weight"] * m["shape"][0] * m["shape"][1] for m in metrics.values()) / max(n_w, 1)
     model.qlr_info = {
         "model": None if isinstance(model_or_path, nn.Module) else str(model_or_path),
-        "method": method, "bits": bits, "rank": rank, "budget": budget,
+        "method": method, "bits": bits, "rank": rank, "budget": budget, "layers": layers,
         "options": dict(method_options), "calibration_sha256": calib_hash,
         "calibration": calibration if isinstance(calibration, str) else "<in-memory>",
         "calib_samples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": seed,
-        "bits_per_weight": bpw, "seconds": time.perf_counter() - t0, "layer_metrics": metrics,
+        "run_fingerprint": fingerprint, "full_precision_layers": kept,
+        "bits_per_weight": bpw, "seconds": time.perf_counter() - t0,
+        "layer_metrics": {name: met for name, met in metrics.items() if name not in kept},
     }
     return model
 

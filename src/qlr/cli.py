@@ -173,16 +173,22 @@ def cmd_compress(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = qlr.compress(model, a.method, a.bits, a.rank, tokenizer=tok, calibration=a.calib_text,
                          calib_samples=a.calib_samples, seqlen=a.seqlen, layers=a.layers, budget=a.budget,
-                         device=a.device, seed=a.seed, work_dir=work, resume=a.resume, **opts)
+                         device=a.device, seed=a.seed, work_dir=work, resume=a.resume,
+                         on_error="keep" if a.keep_failed_layers else "fail", **opts)
     model.qlr_info["model"] = a.model
-    qlr.save(model, out, tok)
+    qlr.save(model, out, tok)  # staged next to OUT and moved into place: a killed save leaves OUT as it was
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
     info = model.qlr_info
     errs = [m["act_err"] for m in info["layer_metrics"].values()]
+    mean = f"mean act_err {sum(errs) / len(errs):.4f}" if errs else "no layer compressed"
     print(f"compressed {len(errs)} linears with {a.method} in {time.perf_counter() - t0:.1f}s: "
-          f"{info['bits_per_weight']:.3f} bits/weight all-in, mean act_err {sum(errs) / len(errs):.4f} -> {out}")
+          f"{info['bits_per_weight']:.3f} bits/weight all-in, {mean} -> {out}")
+    kept = info.get("full_precision_layers") or {}
+    if kept:
+        print(f"kept {len(kept)} linear(s) in full precision (--keep-failed-layers): " +
+              "; ".join(f"{name}: {rec['full_precision']}" for name, rec in kept.items()))
     return 0
 
 
@@ -245,7 +251,11 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     print(_table(info["layers"], [("name", "layer", ""), ("shape", "shape", ""), ("rank", "rank", "d"),
                                   ("act_err", "act_err", ".4f"), ("bits_per_weight_meta", "bpw", ".3f"),
                                   ("bits_per_weight_measured", "bpw (file)", ".3f")]))
-    print(f"\nmethod {info['method']}, bits {info['bits']}, rank {info['rank']}, options {info['options']}")
+    for row in info["full_precision_layers"]:
+        print(f"kept in full precision: {row['name']} ({row['shape'][0]} × {row['shape'][1]} {row['dtype']}): "
+              f"{row['reason']}")
+    budget = f", budget {info['budget']}" if info.get("budget") is not None else ""
+    print(f"\nmethod {info['method']}, bits {info['bits']}, rank {info['rank']}{budget}, options {info['options']}")
     print(f"{info['num_layers']} compressed linears, {info['num_weights']:,} weights; bits/weight computed "
           f"{info['bits_per_weight_meta']:.4f}, measured from file {info['bits_per_weight_measured']:.4f}; "
           f"checkpoint {info['total_bytes'] / 2**20:.1f} MiB")
@@ -353,7 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="where to run, e.g. cpu or cuda (default: where the model loads)")
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and of every method")
     c.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from OUT.partial (and allow replacing a checkpoint in OUT)")
+                   help="continue an interrupted run from OUT.partial (and allow replacing a checkpoint in OUT); "
+                        "refused, naming every difference, when the model, its weights, the plan, the calibration "
+                        "tokens, the seed or the qlr version differ from the interrupted run's")
+    c.add_argument("--keep-failed-layers", action="store_true",
+                   help="keep a layer that cannot be decomposed (degenerate calibration statistics, a failed "
+                        "factorisation) in full precision, recorded in the checkpoint and shown by 'qlr inspect' "
+                        "(default: such a layer is an error naming it)")
     c.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="method option, repeatable, e.g. --opt outer_iters=5 (see 'qlr methods')")
     c.add_argument("--out", required=True,
@@ -373,7 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="write the results to this file")
     e.set_defaults(fn=cmd_eval)
 
-    i = sub.add_parser("inspect", help="method, bits/weight (computed and measured), per-layer table")
+    i = sub.add_parser("inspect", help="method, bits/weight (computed and measured), per-layer table",
+                       description="Verify a checkpoint (manifest, sizes, sha256) and describe it. Exits 2 with one "
+                                   "line when it is damaged or inconsistent: per-layer metadata that disagrees with "
+                                   "the stored tensors, the recorded metrics or the run's method/bits/rank.")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)

@@ -33,6 +33,7 @@ __all__ = [
     "BuiltinCorpus",
     "CorpusError",
     "cache_dir",
+    "cached_tokenize",
     "calibration_batches",
     "check_disjoint",
     "load_builtin",
@@ -302,19 +303,95 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
 
 
+CACHE_MIN_CHARS = 1_000_000
+"""Texts at least this long have their token ids cached (see :func:`cached_tokenize`)."""
+
+
+def _tokenizer_key(tokenizer: Any) -> str | None:
+    """A digest of everything that decides a Hugging Face fast tokenizer's ids (its full serialised pipeline, its
+    class and the tokenizers/transformers versions); None for other tokenizers (never cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not callable(getattr(backend, "to_str", None)):
+        return None
+    import tokenizers
+    import transformers
+
+    digest = hashlib.sha256()
+    for part in (type(tokenizer).__qualname__, tokenizers.__version__, transformers.__version__, backend.to_str()):
+        digest.update(part.encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def _with_spinner(label: str, fn: Callable[[], Any], progress: bool) -> Any:
+    """Run ``fn()`` while a tqdm line shows ``label`` and the elapsed time (a single tokenizer call cannot report
+    how far it has got, and splitting the text could change the ids at the split points)."""
+    if not progress:
+        return fn()
+    import threading
+
+    from tqdm.auto import tqdm
+
+    done = threading.Event()
+    with tqdm(total=None, desc=label, bar_format="{desc}: {elapsed}", leave=False) as bar:
+        def tick() -> None:
+            while not done.wait(0.5):
+                bar.refresh()
+
+        thread = threading.Thread(target=tick, daemon=True)
+        thread.start()
+        try:
+            return fn()
+        finally:
+            done.set()
+            thread.join()
+
+
+def cached_tokenize(tokenizer: Any, text: str, progress: bool = False) -> torch.Tensor:
+    """:func:`tokenize`, with the ids of long texts (``CACHE_MIN_CHARS`` characters or more) of Hugging Face fast
+    tokenizers cached under ``<cache>/tokens/`` by the text's sha256 and the tokenizer's digest, so that only the
+    first run tokenises a large corpus (e.g. the ``sotu`` default, about 11M characters); the cached ids are exactly
+    what :func:`tokenize` returned. With ``progress``, a line with the elapsed time shows while a long text is
+    tokenised."""
+    key = _tokenizer_key(tokenizer) if len(text) >= CACHE_MIN_CHARS else None
+    path = cache_dir() / "tokens" / f"{text_hash(text)[:32]}-{key[:32]}.safetensors" if key else None
+    if path is not None and path.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))["ids"].long()
+        except (SafetensorError, OSError, KeyError):
+            path.unlink(missing_ok=True)  # damaged: tokenise again
+    label = f"tokenising {len(text) / 1e6:.1f}M characters" + (" (cached for later runs)" if path else "")
+    ids = _with_spinner(label, lambda: tokenize(tokenizer, text), progress and len(text) >= CACHE_MIN_CHARS)
+    if path is not None:
+        from safetensors.torch import save_file
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            small = ids.numel() == 0 or (int(ids.min()) >= 0 and int(ids.max()) < 2**31)
+            save_file({"ids": ids.to(torch.int32) if small else ids}, str(tmp))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache only costs time
+    return ids
+
+
 def calibration_batches(
-    tokenizer: Any, text: str | torch.Tensor, n_samples: int, seqlen: int, seed: int = 0
+    tokenizer: Any, text: str | torch.Tensor, n_samples: int, seqlen: int, seed: int = 0, progress: bool = False
 ) -> torch.Tensor:
     """``n_samples`` random windows of ``seqlen`` consecutive tokens, as ``LongTensor (n_samples, seqlen)``.
 
-    Window starts are drawn uniformly (with replacement) from ``[0, n_tokens - seqlen]`` by a
-    ``torch.Generator`` seeded with ``seed``, so the same text, tokenizer and seed give the same batch.
-    ``text`` may also be pre-tokenized ids ``LongTensor (n_tokens,)``. Raises ``ValueError`` when the text
-    has fewer than ``seqlen`` tokens.
+    The whole text is tokenised (:func:`cached_tokenize`: long texts are tokenised once and their ids cached;
+    ``progress`` shows the elapsed time meanwhile). Window starts are drawn uniformly (with replacement) from
+    ``[0, n_tokens - seqlen]`` by a ``torch.Generator`` seeded with ``seed``, so the same text, tokenizer and seed
+    give the same batch. ``text`` may also be pre-tokenized ids ``LongTensor (n_tokens,)``. Raises ``ValueError``
+    when the text has fewer than ``seqlen`` tokens.
     """
     if n_samples < 1 or seqlen < 1:
         raise ValueError(f"n_samples and seqlen must be positive, got {n_samples=}, {seqlen=}")
-    ids = text.reshape(-1).long() if isinstance(text, torch.Tensor) else tokenize(tokenizer, text)
+    ids = text.reshape(-1).long() if isinstance(text, torch.Tensor) else cached_tokenize(tokenizer, text, progress)
     n_tokens = ids.numel()
     if n_tokens < seqlen:
         raise ValueError(

@@ -7,21 +7,30 @@ A checkpoint is a directory::
     config.json              the transformers config plus a ``quantization_config`` holding every QLR layer's
                              metadata, so ``AutoModelForCausalLM.from_pretrained(directory)`` reads the checkpoint
                              too (see :mod:`qlr.integrations.transformers`); only for transformers models
-    qlr_config.json          format/qlr versions, method/bits/rank/options, calibration hash, the base model's
-                             transformers config and class, each QLR layer's ``qlr_meta()`` and metrics, the
-                             tie map, and the sha256 + byte size of every other file
+    qlr_config.json          format/qlr versions, method/bits/rank/budget/layers/options, calibration hash, the
+                             run fingerprint, the base model's transformers config and class, each QLR layer's
+                             ``qlr_meta()`` and metrics, the layers kept in full precision, the tie map, and the
+                             sha256 + byte size of every other file
+    manifest.sha256          ``sha256sum`` lines for qlr_config.json and every file it lists (``sha256sum -c``
+                             checks the whole checkpoint), so that an edit of qlr_config.json is detected too
+    run_log.json             timings of the run (``seconds`` fields); not hashed, not verified
     generation_config.json   when the model has one
     tokenizer files          when a tokenizer is given to :func:`save`
 
-Nothing is pickled. :func:`load` verifies sizes and hashes, rebuilds the transformers model on the meta device,
-swaps in empty QLRLinear modules from their metadata, fills everything with ``load_state_dict(assign=True)`` and
-re-ties shared weights (e.g. SmolLM2's embeddings and lm_head).
+Nothing is pickled. The same model and run description give byte-identical files (except run_log.json): JSON
+keys are sorted and timings kept out. :func:`save` writes into a sibling staging directory and moves the result
+into place, so an interrupted save leaves the target as it was. :func:`load` verifies the manifest, sizes and
+hashes, rebuilds the transformers model on the meta device, swaps in empty QLRLinear modules from their metadata
+(checking every stored tensor's shape and dtype against it), fills everything with
+``load_state_dict(assign=True)`` and re-ties shared weights (e.g. SmolLM2's embeddings and lm_head).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import struct
 from pathlib import Path
 from typing import Any
@@ -35,15 +44,19 @@ import qlr
 from qlr.nn.qlinear import QLRLinear
 
 __all__ = ["save", "load", "load_tokenizer", "inspect", "verify", "replace_linear", "FORMAT_VERSION",
-           "CONFIG_NAME", "WEIGHTS_NAME"]
+           "CONFIG_NAME", "WEIGHTS_NAME", "MANIFEST_NAME", "RUN_LOG_NAME"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.sha256, run_log.json, sorted JSON keys, full_precision_layers
 CONFIG_NAME = "qlr_config.json"
 WEIGHTS_NAME = "model.safetensors"
+MANIFEST_NAME = "manifest.sha256"
+RUN_LOG_NAME = "run_log.json"
 GENERATION_NAME = "generation_config.json"
 HF_CONFIG_NAME = "config.json"
 _RERUN = "re-run `qlr compress` to recreate the checkpoint"
-_INFO_KEYS = ("method", "bits", "rank", "options", "calibration_sha256", "layer_metrics")
+_INFO_KEYS = ("method", "bits", "rank", "budget", "layers", "options", "calibration_sha256", "run_fingerprint",
+              "full_precision_layers", "layer_metrics")
+_TIMING_KEYS = ("seconds",)  # kept out of the hashed files, in run_log.json
 
 
 # ---- module surgery --------------------------------------------------------------------------------------------
@@ -113,11 +126,42 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return cfg
 
 
+def _read_manifest(directory: Path) -> dict[str, str]:
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is missing, so nothing vouches for {CONFIG_NAME}; {_RERUN}")
+    entries: dict[str, str] = {}
+    try:
+        for line in path.read_text().splitlines():
+            digest, sep, name = line.partition("  ")
+            if not sep or len(digest) != 64 or not name:
+                raise ValueError(f"malformed line {line[:80]!r}")
+            entries[name] = digest
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not a sha256sum manifest ({e}); {_RERUN}") from None
+    return entries
+
+
 def verify(directory: str | Path, *, hashes: bool = True) -> dict[str, Any]:
-    """Check every data file listed in the checkpoint config: present, right byte size, and (with ``hashes``)
-    right sha256. Returns the parsed config; raises FileNotFoundError / ValueError naming the bad file."""
+    """Check the checkpoint's integrity and return its parsed config.
+
+    First the manifest: ``manifest.sha256`` must hold the sha256 of ``qlr_config.json`` (always checked: an
+    edited or corrupted qlr_config.json is refused) and agree with it on every other file. Then every data file
+    listed in the config: present, right byte size, and (with ``hashes``) right sha256. Checkpoints of format 1
+    (before the manifest) are read without the manifest check. Raises FileNotFoundError / ValueError naming the
+    bad file."""
     directory = Path(directory)
     cfg = _read_config(directory)
+    if cfg["format_version"] >= 2:
+        manifest = _read_manifest(directory)
+        cpath = directory / CONFIG_NAME
+        if manifest.get(CONFIG_NAME) != _sha256(cpath):
+            raise ValueError(f"{str(cpath)!r} fails its manifest check: its sha256 is not the one recorded in "
+                             f"{MANIFEST_NAME} (edited or corrupted after it was saved); {_RERUN}")
+        listed = {name: rec.get("sha256") for name, rec in cfg["files"].items()}
+        if {k: v for k, v in manifest.items() if k != CONFIG_NAME} != listed:
+            raise ValueError(f"{str(directory / MANIFEST_NAME)!r} and {CONFIG_NAME} disagree on the checkpoint's "
+                             f"files; {_RERUN}")
     for name, rec in cfg["files"].items():
         path = directory / name
         if not path.is_file():
@@ -173,51 +217,60 @@ def save(model: nn.Module, directory: str | Path, *, tokenizer: Any = None,
         model: the model; every tensor is saved (tied weights once).
         directory: created if needed; it must be empty or hold an earlier qlr checkpoint (which is replaced).
         tokenizer: optional tokenizer, saved with ``save_pretrained`` into the same directory.
-        info: optional run description: ``method``, ``bits``, ``rank``, ``options`` (dict),
-            ``calibration_sha256`` (str) and ``layer_metrics`` ({layer name: {"act_err": float, ...}}); other
-            keys are kept under ``"extra"``.
+        info: optional run description: ``method``, ``bits``, ``rank``, ``budget``, ``layers``, ``options``
+            (dict), ``calibration_sha256`` (str), ``run_fingerprint`` (dict), ``full_precision_layers`` ({layer
+            name: {"full_precision": why, "shape", "dtype", ...}} for selected layers left uncompressed) and
+            ``layer_metrics`` ({layer name: {"act_err": float, ...}}); other keys are kept under ``"extra"``.
+            ``seconds`` fields (timings) go to run_log.json instead, so that the hashed files depend only on the
+            model and the run's settings.
 
     Returns:
         The checkpoint directory.
+
+    Everything is written to a staging directory next to ``directory`` (``.<name>.qlr-saving``) and moved into
+    place at the end, qlr_config.json and manifest.sha256 last; an interrupted save leaves ``directory`` as it
+    was, and the next save clears the staging directory.
     """
     directory = Path(directory)
     info = dict(info or {})
     if directory.exists():
         if not directory.is_dir():
             raise NotADirectoryError(f"{str(directory)!r} exists and is not a directory")
-        old = directory / CONFIG_NAME
-        if old.is_file():
-            try:
-                for name in json.loads(old.read_text()).get("files", {}):
-                    (directory / name).unlink(missing_ok=True)
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                pass
-            old.unlink()
-        elif any(directory.iterdir()):
+        if not (directory / CONFIG_NAME).is_file() and any(directory.iterdir()):
             raise ValueError(f"{str(directory)!r} is not empty and is not a qlr checkpoint; refusing to write "
                              "into it (choose an empty or new directory)")
-    directory.mkdir(parents=True, exist_ok=True)
+    target = directory.resolve()
+    staging = target.with_name(f".{target.name}.qlr-saving")
+    if staging.exists():
+        shutil.rmtree(staging)  # left by an interrupted save
+    staging.mkdir(parents=True)
 
     tensors, tied, extra = _split_state(model)
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "qlr_format": str(FORMAT_VERSION)})
+    # one metadata key: safetensors writes its metadata map in an order that varies per process
+    save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
     written = [WEIGHTS_NAME]
     gen = getattr(model, "generation_config", None)
     if gen is not None and hasattr(gen, "save_pretrained"):
-        gen.save_pretrained(str(directory))
+        gen.save_pretrained(str(staging))
         written.append(GENERATION_NAME)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        for p in tokenizer.save_pretrained(str(directory)):
-            rel = Path(p).resolve().relative_to(directory.resolve()).as_posix()
-            if (directory / rel).is_file() and rel not in written:
+        for p in tokenizer.save_pretrained(str(staging)):
+            rel = Path(p).resolve().relative_to(staging).as_posix()
+            if (staging / rel).is_file() and rel not in written:
                 written.append(rel)
 
     metrics = info.get("layer_metrics", {}) or {}
+    timings: dict[str, Any] = {k: info[k] for k in _TIMING_KEYS if k in info}
+    layer_timings: dict[str, Any] = {}
     layers = []
     for name, mod in model.named_modules():
         if isinstance(mod, QLRLinear):
             lm = {"bits_per_weight": mod.bits_per_weight, **metrics.get(name, {})}
+            for k in _TIMING_KEYS:
+                if k in lm:
+                    layer_timings.setdefault(name, {})[k] = lm.pop(k)
             layers.append({"name": name, "meta": mod.qlr_meta(), "metrics": lm})
-    if _write_hf_config(model, directory, layers):
+    if _write_hf_config(model, staging, layers):
         written.append(HF_CONFIG_NAME)
     hf_config = getattr(model, "config", None)
     cfg = {
@@ -226,9 +279,12 @@ def save(model: nn.Module, directory: str | Path, *, tokenizer: Any = None,
         "method": info.get("method"),
         "bits": info.get("bits"),
         "rank": info.get("rank"),
+        "budget": info.get("budget"),
+        "layers_pattern": info.get("layers"),
         "options": info.get("options", {}),
         "calibration_sha256": info.get("calibration_sha256"),
-        "extra": {k: v for k, v in info.items() if k not in _INFO_KEYS},
+        "run_fingerprint": info.get("run_fingerprint"),
+        "extra": {k: v for k, v in info.items() if k not in _INFO_KEYS and k not in _TIMING_KEYS},
         "model_class": type(model).__name__,
         "config_class": type(hf_config).__name__ if hf_config is not None else None,
         "model_config": hf_config.to_dict() if hf_config is not None else None,
@@ -236,12 +292,48 @@ def save(model: nn.Module, directory: str | Path, *, tokenizer: Any = None,
         "nonpersistent_buffers": extra,
         "unfused_experts": _unfused_paths(model),
         "layers": layers,
-        "files": {n: {"bytes": (directory / n).stat().st_size, "sha256": _sha256(directory / n)} for n in written},
+        "full_precision_layers": {name: {k: v for k, v in rec.items() if k not in _TIMING_KEYS}
+                                  for name, rec in (info.get("full_precision_layers") or {}).items()},
+        "files": {n: {"bytes": (staging / n).stat().st_size, "sha256": _sha256(staging / n)} for n in written},
     }
-    tmp = directory / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(cfg), indent=2))
-    tmp.replace(directory / CONFIG_NAME)  # written last: a checkpoint without it is incomplete
+    (staging / CONFIG_NAME).write_text(json.dumps(_jsonable(cfg), indent=2, sort_keys=True) + "\n")
+    sums = {**{n: rec["sha256"] for n, rec in cfg["files"].items()}, CONFIG_NAME: _sha256(staging / CONFIG_NAME)}
+    (staging / MANIFEST_NAME).write_text("".join(f"{sums[n]}  {n}\n" for n in sorted(sums)))
+    if timings or layer_timings:
+        (staging / RUN_LOG_NAME).write_text(json.dumps(_jsonable({**timings, "layers": layer_timings}), indent=2,
+                                                       sort_keys=True) + "\n")
+    _move_into_place(staging, target)
     return directory
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Replace the checkpoint in ``target`` (absent, empty, or an earlier qlr checkpoint) by ``staging``'s files.
+
+    The earlier checkpoint's files go first (qlr_config.json last, so that an interruption still leaves something
+    :func:`save` recognises and may replace); then ``staging`` is renamed to ``target``, or, when files that are not
+    the checkpoint's share ``target``, its files are moved in one by one, qlr_config.json and the manifest last."""
+    if target.is_dir():
+        old = target / CONFIG_NAME
+        if old.is_file():
+            try:
+                names = list(json.loads(old.read_text()).get("files", {}))
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                names = []
+            for name in (*names, RUN_LOG_NAME, MANIFEST_NAME):
+                (target / name).unlink(missing_ok=True)
+            old.unlink()
+        if not any(target.iterdir()):
+            target.rmdir()
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    order = {CONFIG_NAME: 1, MANIFEST_NAME: 2}
+    files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: order.get(p.name, 0))
+    for p in files:
+        dest = target / p.relative_to(staging)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(p, dest)
+    shutil.rmtree(staging)
 
 
 def _write_hf_config(model: nn.Module, directory: Path, layers: list[dict[str, Any]]) -> bool:
@@ -266,6 +358,38 @@ def _write_hf_config(model: nn.Module, directory: Path, layers: list[dict[str, A
 
 
 # ---- load ------------------------------------------------------------------------------------------------------
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+              torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def _layer_module(directory: Path, layer: dict[str, Any]) -> QLRLinear:
+    """An empty (meta-device) QLRLinear from a layer's metadata; ValueError naming the layer and the file when the
+    metadata cannot describe one."""
+    try:
+        return QLRLinear.from_meta(layer["meta"], device="meta")
+    except (KeyError, TypeError, ValueError, AttributeError, NotImplementedError) as e:
+        raise ValueError(f"{str(directory / CONFIG_NAME)!r}: layer {layer.get('name')}: its metadata does not "
+                         f"describe a valid QLRLinear ({' '.join(str(e).split())}); {_RERUN}") from None
+
+
+def _check_layer_tensors(directory: Path, name: str, module: QLRLinear,
+                         stored: dict[str, tuple[str, list[int]]]) -> None:
+    """Every buffer ``module``'s metadata implies is in the weights file ({key: (safetensors dtype, shape)}) with
+    that dtype and shape; ValueError naming the layer, the tensor and both files otherwise."""
+    for buf, t in module._buffers.items():
+        key = f"{name}.{buf}"
+        want = (_ST_DTYPES.get(t.dtype, str(t.dtype)), list(t.shape))
+        got = stored.get(key)
+        if got is None:
+            raise ValueError(f"{str(directory / WEIGHTS_NAME)!r} lacks tensor {key!r}, which layer {name}'s "
+                             f"metadata in {CONFIG_NAME} describes; {_RERUN}")
+        if tuple(got) != want:
+            raise ValueError(f"layer {name}: {str(directory / WEIGHTS_NAME)!r} stores {buf} as {got[0]} {got[1]}, "
+                             f"but its metadata in {CONFIG_NAME} describes {want[0]} {want[1]} (edited metadata or a "
+                             f"mismatched weights file); {_RERUN}")
+
+
 def _build_model(cfg: dict[str, Any]) -> nn.Module:
     import transformers
 
@@ -282,8 +406,10 @@ def _build_model(cfg: dict[str, Any]) -> nn.Module:
 def load(directory: str | Path, device: str | torch.device = "cpu", *, check_hashes: bool = True) -> nn.Module:
     """Rebuild the compressed model saved by :func:`save`, on ``device``, in eval mode, ready for ``generate()``.
 
-    Raises FileNotFoundError for a missing directory/file and ValueError for a truncated, corrupted or
-    inconsistent checkpoint, naming the file.
+    Raises FileNotFoundError for a missing directory/file and ValueError, on one line, for a truncated, corrupted
+    or edited checkpoint (see :func:`verify`) and for layer metadata that does not describe the stored tensors
+    (naming the layer, the tensor and the files). ``check_hashes=False`` skips the data files' sha256 (not their
+    sizes, nor the manifest check of qlr_config.json).
     """
     directory = Path(directory)
     cfg = verify(directory, hashes=check_hashes)
@@ -297,11 +423,22 @@ def load(directory: str | Path, device: str | torch.device = "cpu", *, check_has
         from .models.moe import unfuse_experts
 
         unfuse_experts(model, cfg["unfused_experts"])
+    shapes = {k: (_ST_DTYPES.get(t.dtype, str(t.dtype)), list(t.shape)) for k, t in state.items()}
     for layer in cfg["layers"]:
-        replace_linear(model, layer["name"], QLRLinear.from_meta(layer["meta"], device="meta"))
+        module = _layer_module(directory, layer)
+        _check_layer_tensors(directory, layer["name"], module, shapes)
+        try:
+            replace_linear(model, layer["name"], module)
+        except AttributeError as e:
+            raise ValueError(f"{str(directory / CONFIG_NAME)!r}: layer {layer['name']}: {e}; {_RERUN}") from None
 
     extra = {n: state.pop(n) for n in cfg.get("nonpersistent_buffers", []) if n in state}
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # a tensor whose shape does not fit the model described in the config
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).strip())
+        raise ValueError(f"{str(wpath)!r} does not match the model described in {CONFIG_NAME}: {first}; "
+                         f"{_RERUN}") from None
     tied = cfg.get("tied", {})
     missing = sorted(set(result.missing_keys) - set(tied))
     if missing or result.unexpected_keys:
@@ -362,46 +499,161 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def inspect(directory: str | Path, *, check_hashes: bool = True) -> dict[str, Any]:
-    """Describe a checkpoint without loading the model.
+def _q_bits(meta: dict[str, Any] | None) -> int | None:
+    """Code width of a factor per its codec metadata: a grid's ``bits``, 2 per E8P stage; None for dense."""
+    if not meta:
+        return None
+    if meta.get("codec") == "grid":
+        return meta.get("bits")
+    if meta.get("codec") == "e8p":
+        return 2 * meta.get("stages", 0)
+    return None
 
-    Returns a dict with the run description (method, bits, rank, options, versions, model class), ``layers``
-    (one row per QLR layer: name, shape, rank, formats of Q/L/R, bits per weight from the metadata and measured
-    from the stored bytes, and the recorded metrics such as act_err) and the totals ``bits_per_weight_meta``
+
+def _perm_overhead(mod: QLRLinear) -> int:
+    """Bits by which the file exceeds :meth:`QLRLinear.storage_bits`: each act-order permutation index is stored
+    as int16/int32 but counted at ⌈log2 n⌉ bits; everything else (packed words, sign words) is counted as stored."""
+    extra = 0
+    for f in ("q", "l", "r"):
+        perm = getattr(mod, f"{f}_perm", None)
+        if perm is not None:
+            n = perm.numel()
+            extra += n * (perm.element_size() * 8 - max(1, math.ceil(math.log2(n))))
+    return extra
+
+
+def _registered_methods() -> list[str]:
+    from .decompose.base import methods
+
+    return methods()
+
+
+def _plan_rank(cfg: dict[str, Any], m: int, n: int) -> tuple[str | None, int | None]:
+    """(why the recorded plan cannot be rebuilt or None, the rank it gives an m × n layer: 0 for Q-only methods)."""
+    from .calibration.pipeline import CompressionPlan
+
+    budget = cfg.get("budget", (cfg.get("extra") or {}).get("budget"))
+    plan = CompressionPlan(method=cfg["method"], bits=cfg.get("bits"), rank=cfg.get("rank"), budget=budget,
+                           options=dict(cfg.get("options") or {}))
+    try:
+        plan.check()
+        rank = plan.rank_for(m, n)
+    except (ValueError, TypeError) as e:
+        return " ".join(str(e).split()), None
+    return None, (0 if rank is None else rank)
+
+
+def _reconcile(cfg: dict[str, Any], layer: dict[str, Any], mod: QLRLinear, bits_meta: int, bits_meas: int
+               ) -> list[str]:
+    """What is inconsistent between a layer's metadata, its recorded metrics, its stored bytes and the run's
+    top-level method/bits/rank (see :func:`inspect`)."""
+    name, meta, met = layer["name"], layer["meta"], layer.get("metrics") or {}
+    m, n, r = mod.out_features, mod.in_features, mod.rank
+    out = []
+    if meta.get("storage_bits") is not None and meta["storage_bits"] != bits_meta:
+        out.append(f"layer {name}: its metadata computes {bits_meta} storage bits but records "
+                   f"{meta['storage_bits']}")
+    explained = _perm_overhead(mod)
+    if bits_meas - bits_meta != explained:
+        out.append(f"layer {name}: measured {bits_meas / (m * n):.4f} bits/weight from the file, computed "
+                   f"{bits_meta / (m * n):.4f} from the metadata; the permutation storage explains "
+                   f"{explained} bits of the difference, not {bits_meas - bits_meta}")
+    if "rank" in met and met["rank"] != r:
+        out.append(f"layer {name}: metadata rank {r}, recorded metrics rank {met['rank']}")
+    if "shape" in met and list(met["shape"]) != [m, n]:
+        out.append(f"layer {name}: metadata shape {m} × {n}, recorded metrics shape {met['shape']}")
+    if isinstance(met.get("bits_per_weight"), (int, float)) and "act_err" in met:
+        # the decomposition's exact count, without the tail padding of packed words: ≤ 31 bits per row of packed
+        # grid codes, per packed zero-point buffer and per sign-vector buffer
+        counted = round(met["bits_per_weight"] * m * n)
+        padding = 62 if meta.get("rotation") else 0
+        for f in ("q", "l", "r"):
+            fm = meta.get(f) or {}
+            if fm.get("codec") == "grid":
+                padding += 31 * fm["shape"][0] + (31 if fm.get("zero") == "packed" else 0)
+        if not 0 <= bits_meta - counted <= padding:
+            out.append(f"layer {name}: computed {bits_meta / (m * n):.4f} bits/weight from the metadata, but the "
+                       f"run recorded {met['bits_per_weight']:.4f}")
+    if cfg.get("bits") is not None:
+        qb = _q_bits(meta.get("q"))
+        if qb is not None and qb != cfg["bits"]:
+            out.append(f"layer {name}: Q has {qb}-bit codes, the run says bits={cfg['bits']}")
+    if cfg.get("method") in _registered_methods():  # a label of the caller's own (io.save's info) is not checked
+        why, want = _plan_rank(cfg, m, n)
+        if why is not None:
+            out.append(f"the recorded plan (method {cfg['method']!r}, bits {cfg.get('bits')}, rank "
+                       f"{cfg.get('rank')}, options {cfg.get('options')}) is not a valid qlr plan: {why}")
+        elif want != r:
+            out.append(f"layer {name}: rank {r}, but method {cfg['method']} with rank={cfg.get('rank')}, "
+                       f"budget={cfg.get('budget', (cfg.get('extra') or {}).get('budget'))} gives {want} for "
+                       f"{m} × {n}")
+    return out
+
+
+def inspect(directory: str | Path, *, check_hashes: bool = True) -> dict[str, Any]:
+    """Describe a checkpoint without loading the model, after checking that it is consistent.
+
+    Returns a dict with the run description (method, bits, rank, budget, options, versions, model class),
+    ``layers`` (one row per QLR layer: name, shape, rank, formats of Q/L/R, bits per weight from the metadata and
+    measured from the stored bytes, and the recorded metrics such as act_err), ``full_precision_layers`` (selected
+    layers the run kept uncompressed: name, shape, dtype, why) and the totals ``bits_per_weight_meta``
     (Σ storage_bits / Σ m·n over QLR layers, from the metadata) and ``bits_per_weight_measured`` (Σ byte sizes of
-    those layers' safetensors tensors, bias excluded, × 8 / Σ m·n). The two differ only by the permutation and
-    sign vectors, which the metadata counts at ⌈log2 n⌉ and 1 bit and the file stores as int16/int32 and int8.
+    those layers' safetensors tensors, bias excluded, × 8 / Σ m·n). The two differ only by the act-order
+    permutations, which the metadata counts at ⌈log2 n⌉ bits per index and the file stores as int16/int32 (sign
+    vectors are counted as the packed int32 words they are stored in).
+
+    Raises ValueError, on one line, when the checkpoint fails :func:`verify` or is inconsistent: a stored tensor
+    whose dtype/shape differs from what a layer's metadata describes; metadata whose computed storage bits differ
+    from the recorded ``storage_bits``; measured bits that differ from the computed ones by more than the
+    permutation storage; recorded metrics (rank, shape, bits/weight beyond the packing padding) that disagree with
+    the metadata; a layer whose Q code width differs from the run's ``bits``; for a run recorded with one of
+    qlr's methods, a layer whose rank differs from what that method with the run's rank/budget/options gives its
+    shape, or options the method refuses; a full-precision layer missing from the file.
     """
     directory = Path(directory)
     cfg = verify(directory, hashes=check_hashes)
-    header = _safetensors_header(directory / WEIGHTS_NAME)
-    rows, tot_meta, tot_meas, tot_w = [], 0, 0, 0
+    wpath = directory / WEIGHTS_NAME
+    header = _safetensors_header(wpath)
+    stored = {k: (h.get("dtype"), list(h.get("shape", []))) for k, h in header.items()}
+    rows, problems, tot_meta, tot_meas, tot_w = [], [], 0, 0, 0
     for layer in cfg["layers"]:
-        name, meta = layer["name"], layer["meta"]
-        mod = QLRLinear.from_meta(meta, device="meta")
+        name = layer["name"]
+        mod = _layer_module(directory, layer)
+        _check_layer_tensors(directory, name, mod, stored)
         m, n = mod.out_features, mod.in_features
         bits_meta = mod.storage_bits()
         keys = [f"{name}.{b}" for b in mod._buffers if b != "bias"]
-        absent = [k for k in keys if k not in header]
-        if absent:
-            raise ValueError(f"{str(directory / WEIGHTS_NAME)!r} lacks {absent[:3]} listed in {CONFIG_NAME}; "
-                             f"{_RERUN}")
         bits_meas = sum((header[k]["data_offsets"][1] - header[k]["data_offsets"][0]) * 8 for k in keys)
+        problems += _reconcile(cfg, layer, mod, bits_meta, bits_meas)
         tot_meta, tot_meas, tot_w = tot_meta + bits_meta, tot_meas + bits_meas, tot_w + m * n
         rows.append({"name": name, "shape": [m, n], "rank": mod.rank, "desc": mod.extra_repr(),
                      "bits_per_weight_meta": bits_meta / (m * n), "bits_per_weight_measured": bits_meas / (m * n),
                      **{k: v for k, v in layer.get("metrics", {}).items() if k != "bits_per_weight"}})
+    kept = []
+    qlr_names = {layer["name"] for layer in cfg["layers"]}
+    for name, rec in (cfg.get("full_precision_layers") or {}).items():
+        got = stored.get(f"{name}.weight")
+        if name in qlr_names or got is None or not isinstance(rec.get("shape"), list) or got[1] != rec["shape"]:
+            problems.append(f"layer {name} is recorded as kept in full precision, but the file holds no "
+                            f"{rec.get('shape')} weight for it")
+        kept.append({"name": name, "shape": rec.get("shape"), "dtype": rec.get("dtype"),
+                     "reason": rec.get("full_precision")})
+    problems = list(dict.fromkeys(problems))  # a bad plan is reported once, not once per layer
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"{str(directory)!r} is inconsistent: {problems[0]}{more}; {_RERUN}")
     total_bytes = sum(rec["bytes"] for rec in cfg["files"].values())
     tensor_bytes = sum(h["data_offsets"][1] - h["data_offsets"][0] for h in header.values())
     return {
         "directory": str(directory),
         "format_version": cfg["format_version"], "qlr_version": cfg.get("qlr_version"),
         "model_class": cfg.get("model_class"), "method": cfg.get("method"), "bits": cfg.get("bits"),
-        "rank": cfg.get("rank"), "options": cfg.get("options"), "calibration_sha256": cfg.get("calibration_sha256"),
+        "rank": cfg.get("rank"), "budget": cfg.get("budget", (cfg.get("extra") or {}).get("budget")),
+        "options": cfg.get("options"), "calibration_sha256": cfg.get("calibration_sha256"),
         "num_layers": len(rows), "num_weights": tot_w,
         "bits_per_weight_meta": tot_meta / tot_w if tot_w else math.nan,
         "bits_per_weight_measured": tot_meas / tot_w if tot_w else math.nan,
-        "total_bytes": total_bytes, "layers": rows,
+        "total_bytes": total_bytes, "layers": rows, "full_precision_layers": kept,
         # resident tensor memory of the loaded model (tensors load as stored; tied ones once), and what the
         # compressed linears would take as fp32 nn.Linear weights
         "memory_bytes": tensor_bytes, "linear_bytes": tot_meas // 8, "linear_fp32_bytes": 4 * tot_w,

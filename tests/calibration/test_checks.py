@@ -96,3 +96,34 @@ def test_unreadable_calibration_fails_before_the_model_loads(tmp_path, monkeypat
     binary.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(ValueError, match=re.escape(str(binary))):
         qlr.compress("smollm2-135m", "rtn", 3, calibration=str(binary))
+
+
+def test_keep_leaves_an_undecomposable_layer_in_full_precision(tmp_path, tiny_model, byte_tokenizer, sample_text):
+    with torch.no_grad():  # down_proj of block 0 then reads act(gate)·0 = 0: its H is all zero
+        tiny_model.model.layers[0].mlp.up_proj.weight.zero_()
+    kw = dict(tokenizer=byte_tokenizer, calibration=[sample_text * 2], calib_samples=2, seqlen=32, progress=False,
+              layers=r"mlp\.down_proj")
+    with pytest.raises(ValueError, match="on_error must be 'fail' or 'keep'"):
+        qlr.compress(tiny_model, "lorc", bits=3, rank=4, on_error="skip", **kw)
+    with pytest.raises(ValueError, match=r"^model\.layers\.0\.mlp\.down_proj: H is all zeros"):
+        qlr.compress(tiny_model, "lorc", bits=3, rank=4, **kw)  # the default: an error naming it
+    weight = tiny_model.model.layers[0].mlp.down_proj.weight.clone()
+    model = qlr.compress(tiny_model, "lorc", bits=3, rank=4, on_error="keep", **kw)
+    kept = model.qlr_info["full_precision_layers"]
+    assert list(kept) == ["model.layers.0.mlp.down_proj"] and "H is all zeros" in kept[
+        "model.layers.0.mlp.down_proj"]["full_precision"]
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, weight)  # untouched
+    assert list(model.qlr_info["layer_metrics"]) == ["model.layers.1.mlp.down_proj"]
+    lr_bpw = model.qlr_info["layer_metrics"]["model.layers.1.mlp.down_proj"]["bits_per_weight"]
+    assert model.qlr_info["bits_per_weight"] == pytest.approx((32 + lr_bpw) / 2)  # all-in: fp32 counts 32
+    qlr.save(model, tmp_path / "ck")
+    from qlr.io import inspect
+
+    info = inspect(tmp_path / "ck")
+    assert info["num_layers"] == 1 and [r["name"] for r in info["full_precision_layers"]] == [
+        "model.layers.0.mlp.down_proj"]
+    assert info["full_precision_layers"][0]["shape"] == [64, 128] and info["full_precision_layers"][0]["dtype"] == (
+        "float32")
+    again = qlr.load(tmp_path / "ck")
+    assert isinstance(again.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert torch.equal(again.model.layers[0].mlp.down_proj.weight, weight)

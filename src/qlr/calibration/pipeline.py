@@ -10,13 +10,14 @@
         run the *compressed* block on the inputs → the next block's inputs (errors propagate, as in GPTQ)
 
 Peak memory: the model, one block's inputs/outputs for the calibration batch, and one block's H matrices.
-Finished layers are written to ``work_dir`` as they complete; a rerun with ``resume=True`` reloads them instead of
-recomputing, and yields the same model as an uninterrupted run with the same seed.
+Finished layers are written to ``work_dir`` as they complete, next to the run's fingerprint; a rerun with
+``resume=True`` checks that it is the same run (model weights and config, plan, calibration token ids, seed, batch
+size, device, qlr version) and that each finished layer passes its checksum (:mod:`qlr.calibration.workdir`),
+reloads them instead of recomputing, and yields the same model as an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -37,9 +37,10 @@ from ..models.registry import find_blocks, get_blocks, iter_linears, linear_weig
 from ..nn.qlinear import QLRLinear
 from ..quant.grid import QuantSpec
 from .hessian import HessianAccumulator
+from .workdir import load_layer, open_work_dir, run_fingerprint, save_layer
 
 __all__ = ["BlockInputs", "CompressionPlan", "capture_block_inputs", "compress_blocks", "resolve_rank",
-           "budget_rank", "select_linears", "check_model"]
+           "budget_rank", "select_linears", "check_model", "run_fingerprint"]
 
 
 class _Stop(Exception):
@@ -301,6 +302,7 @@ class _BlockStats:
         self.owner: dict[str, str] = {}
         self.acc: dict[str, HessianAccumulator] = {}
         self.first_pass: dict[str, int] = {}
+        self.failed: dict[str, str] = {}  # set by finalize
         self.linears = dict(linears)
         self._pass = 0
         self._seen: dict[tuple[Any, ...], tuple[str, Tensor]] = {}
@@ -332,9 +334,11 @@ class _BlockStats:
     def finalize(self) -> dict[str, tuple[Tensor, Tensor, str | None]]:
         """{name: (H, mean_abs, fallback note or None)}. A linear that saw no token takes the pooled statistics of
         its siblings (the linears of the same block whose names differ only in numeric parts, e.g. the other
-        experts' ``gate_proj``); with no sibling that saw tokens it is an error naming the layer."""
+        experts' ``gate_proj``); with no sibling that saw tokens it is left out, and ``self.failed`` maps its name
+        to why."""
         done = {owner: acc.finalize() for owner, acc in self.acc.items() if acc.count}
         out: dict[str, tuple[Tensor, Tensor, str | None]] = {}
+        failed: dict[str, str] = {}
         for name in self.linears:
             owner = self.owner.get(name)
             if owner in done:
@@ -344,63 +348,73 @@ class _BlockStats:
             sib = {self.owner[o] for o in self.owner if o != name and self.owner[o] in done
                    and re.sub(r"\.\d+\.", ".#.", f".{o}.") == pattern}
             if not sib:
-                raise ValueError(f"{name}: no calibration token reached this layer, and no sibling layer to "
-                                 "borrow statistics from; use more calibration samples")
+                failed[name] = ("no calibration token reached this layer, and no sibling layer to borrow statistics "
+                                "from; use more calibration samples")
+                continue
             count = sum(self.acc[o].count for o in sib)
             H = sum(self.acc[o].sum_xx for o in sib) / count
             mean_abs = (sum(self.acc[o].sum_abs for o in sib) / count).float()
             out[name] = ((H + H.T) / 2, mean_abs, f"no calibration token was routed here: H pooled from "
                                                   f"{len(sib)} sibling layer(s), {count} tokens")
+        self.failed = failed
         return out
 
 
-def _layer_file(work_dir: Path, name: str) -> Path:
-    return work_dir / "layers" / (re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".safetensors")
-
-
-def _save_layer(work_dir: Path, name: str, module: QLRLinear, metrics: dict[str, Any]) -> None:
-    path = _layer_file(work_dir, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp),
-              metadata={"qlr_meta": json.dumps(module.qlr_meta()), "metrics": json.dumps(metrics)})
-    tmp.replace(path)  # atomic: a killed run never leaves a half-written layer behind
-
-
-def _load_layer(work_dir: Path, name: str, device: torch.device) -> tuple[QLRLinear, dict[str, Any]] | None:
-    path = _layer_file(work_dir, name)
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        module = QLRLinear.from_meta(json.loads(meta["qlr_meta"]), device="cpu")
-        module.load_state_dict(load_file(str(path)), assign=True)
-    except Exception as err:  # corrupt partial file: say which, and how to recover
-        raise ValueError(f"resume file {path} is corrupt ({err}); delete it to recompute that layer") from err
-    return module.to(device), json.loads(meta["metrics"])
+def _full_precision(lin: nn.Module, reason: str) -> dict[str, Any]:
+    """The record of a layer kept as it was (``on_error="keep"``)."""
+    weight = linear_weight(lin)
+    return {"full_precision": reason, "shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."),
+            "bits_per_weight": float(weight.element_size() * 8)}
 
 
 def compress_blocks(model: nn.Module, input_ids: Tensor, plan: CompressionPlan, *, batch_size: int = 8,
                     work_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-                    seed: int = 0, log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+                    seed: int = 0, log: Callable[[str], None] | None = None, on_error: str = "fail",
+                    fingerprint: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Compress ``model`` in place, block by block (see module docstring). Returns per-layer metrics
-    {name: {act_err, bits_per_weight, rank, seconds, history, ...}}.
+    {name: {act_err, bits_per_weight, rank, shape, seconds, history, ...}}.
 
     Before any calibration work, :func:`check_model` validates the plan, the selection, every selected weight and
-    the ranks/budget for their shapes. Errors found later (a layer's calibration statistics H, checked by
-    :func:`~qlr.decompose.decompose`) are raised as ValueError prefixed with the layer name, e.g.
-    ``"model.layers.0.mlp.up_proj: H is all zeros ..."``."""
+    the ranks/budget for their shapes. A layer that cannot be decomposed later (its calibration statistics H are
+    unusable, checked by :func:`~qlr.decompose.decompose`, or a factorisation fails) is, with ``on_error="fail"``
+    (the default), a ValueError prefixed with the layer name, e.g. ``"model.layers.0.mlp.up_proj: H is all zeros
+    ..."``; with ``on_error="keep"`` the layer stays as it was (full precision) and its metrics entry is
+    ``{"full_precision": the error, "shape", "dtype", "bits_per_weight": the dtype's bits}``.
+
+    With ``work_dir``, the run's fingerprint (:func:`~qlr.calibration.workdir.run_fingerprint`; ``fingerprint``
+    when the caller computed it already, on this model before any change, with these ``input_ids``, ``plan``,
+    ``seed`` and ``batch_size``) and every finished layer are written there; ``resume=True`` refuses a work
+    directory whose fingerprint differs (naming every difference) and reloads the finished layers after checking
+    their checksums (see :mod:`qlr.calibration.workdir`). Layers kept in full precision are not written: a resumed
+    run decomposes them again."""
+    if on_error not in ("fail", "keep"):
+        raise ValueError(f"on_error must be 'fail' or 'keep', got {on_error!r}")
     wd = Path(work_dir) if work_dir is not None else None
     if resume and wd is None:
         raise ValueError("resume=True needs a work directory holding the finished layers")
     selected = check_model(model, plan)  # before any calibration work; errors name the layer
+    run = ""
+    if wd is not None:
+        if fingerprint is None:
+            fingerprint = run_fingerprint(model, input_ids, plan, seed=seed, batch_size=batch_size)
+        run = open_work_dir(wd, fingerprint, resume)
     path, blocks = find_blocks(model)
     state = capture_block_inputs(model, input_ids, batch_size)
     metrics: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=len(blocks), desc="blocks", disable=not progress, unit="block")
+    layer_bar = None
+
+    def failed(name: str, lin: nn.Module, why: str, err: BaseException | None) -> None:
+        if on_error == "keep":
+            metrics[name] = _full_precision(lin, why)
+            if log is not None:
+                log(f"{name}: kept in full precision: {why}")
+            return
+        if layer_bar is not None:
+            layer_bar.close()  # before the caller prints the error
+        bar.close()
+        raise ValueError(f"{name}: {why}") from err
+
     for b, block in enumerate(blocks):
         prefix = f"{path}.{b}."
         todo = [n[len(prefix):] for n in selected if n.startswith(prefix)]
@@ -408,11 +422,12 @@ def compress_blocks(model: nn.Module, input_ids: Tensor, plan: CompressionPlan, 
             reloaded = {}
             if resume:
                 for n in todo:
-                    got = _load_layer(wd, prefix + n, _device(model))  # type: ignore[arg-type]
+                    got = load_layer(wd, prefix + n, run, _device(model))  # type: ignore[arg-type]
                     if got is not None:
                         reloaded[n] = got
             need = {n: block.get_submodule(n) for n in todo if n not in reloaded}
             finals: dict[str, tuple[Tensor, Tensor, str | None]] = {}
+            no_stats: dict[str, str] = {}
             if need:
                 stats = _BlockStats(need)
                 handles = stats.hooks()
@@ -423,17 +438,17 @@ def compress_blocks(model: nn.Module, input_ids: Tensor, plan: CompressionPlan, 
                 finally:
                     for h in handles:
                         h.remove()
-                try:
-                    finals = stats.finalize()
-                except ValueError as err:
-                    bar.close()
-                    raise ValueError(f"{prefix}{err}") from None
+                finals = stats.finalize()
+                no_stats = stats.failed
             layer_bar = tqdm(todo, desc=f"block {b}", leave=False, disable=not progress, unit="layer")
             for n in layer_bar:
                 name = prefix + n
                 lin = block.get_submodule(n)
                 if n in reloaded:
                     module, met = reloaded[n]
+                elif n in no_stats:
+                    failed(name, lin, no_stats[n], None)
+                    continue
                 else:
                     H, mean_abs, fallback = finals[n]
                     W = linear_weight(lin).float()
@@ -448,15 +463,13 @@ def compress_blocks(model: nn.Module, input_ids: Tensor, plan: CompressionPlan, 
                         dec = decompose(W, H.to(W.device), plan.method, plan.bits, mean_abs=mean_abs.to(W.device),
                                         seed=seed, **opts)
                     except ValueError as err:  # bad calibration statistics of this layer: say which layer
-                        layer_bar.close()  # before the caller prints the error
-                        bar.close()
-                        raise ValueError(f"{name}: {err}") from err
+                        failed(name, lin, str(err), err)
+                        continue
                     except torch.linalg.LinAlgError as err:
-                        layer_bar.close()
-                        bar.close()
-                        raise ValueError(f"{name}: a factorisation failed in {plan.method} ({err}); the "
-                                         "calibration statistics of this layer are degenerate: try more "
-                                         "calibration samples or more damping (e.g. damp=0.05)") from err
+                        failed(name, lin, f"a factorisation failed in {plan.method} ({err}); the calibration "
+                                          "statistics of this layer are degenerate: try more calibration samples or "
+                                          "more damping (e.g. damp=0.05)", err)
+                        continue
                     secs = time.perf_counter() - t0
                     bias = lin.bias.detach() if lin.bias is not None else None
                     module = QLRLinear.from_decomposition(dec, bias).to(lin.weight.device)
@@ -468,13 +481,14 @@ def compress_blocks(model: nn.Module, input_ids: Tensor, plan: CompressionPlan, 
                     if fallback is not None:
                         met["h_fallback"] = fallback
                     if wd is not None:
-                        _save_layer(wd, name, module, met)
+                        save_layer(wd, name, module, met, run)
                     if log is not None:
                         log(f"{name}: act_err {met['act_err']:.4f}, {met['bits_per_weight']:.3f} bpw, "
                             f"rank {met['rank']}, {secs:.1f}s")
                 replace_linear(model, name, module)
                 metrics[name] = met
                 layer_bar.set_postfix(err=f"{met['act_err']:.4f}")
+            layer_bar = None
         with torch.no_grad():
             state.hidden = _run_block(block, state.hidden, state.calls[b])
         bar.update(1)
