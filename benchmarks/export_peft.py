@@ -7,8 +7,10 @@ the same windows (:func:`qlr.eval.perplexity.perplexity`, as ``qlr eval``) with
 
 * qlr's own model (``qlr.load``), and
 * the export through transformers + PEFT: with a GPTQ backend installed (gptqmodel) the base loads as GPTQ via
-  ``AutoModelForCausalLM.from_pretrained``; otherwise (``--backend dequant`` or no backend) this script
-  dequantizes the GPTQ tensors itself, from the documented layout, into a plain transformers model in float32.
+  ``AutoModelForCausalLM.from_pretrained`` (``--dtype``, default float32), or with GPT-QModel's own
+  ``GPTQModel.load`` (float16) when the config has per-layer ``dynamic`` overrides, which transformers ignores;
+  otherwise (``--backend dequant`` or no backend) this script dequantizes the GPTQ tensors itself, from the
+  documented layout, into a plain transformers model (``--dtype``).
   Either way the adapter is applied by ``peft.PeftModel.from_pretrained``.
 
 Writes ``benchmarks/results/export_peft_<run>.json``.
@@ -85,6 +87,9 @@ def main() -> None:
     p.add_argument("--checkpoint-format", default="gptq", choices=["gptq", "gptq_v2"])
     p.add_argument("--backend", default="auto", choices=["auto", "gptq", "dequant"],
                    help="how the exported base is loaded: gptq (needs gptqmodel), dequant (this script's reader)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="activation dtype of the exported model (float32, as qlr eval; GPTQ scales stay fp16). "
+                        "float16 is the engine's GPU dtype, ~15x slower on CPU with gptqmodel's Torch kernel")
     a = p.parse_args()
 
     import peft
@@ -112,10 +117,22 @@ def main() -> None:
             backend = "gptq"
         except ImportError:
             backend = "dequant"
-    if backend == "gptq":
-        base = transformers.AutoModelForCausalLM.from_pretrained(str(out / "base"), device_map="cpu")
+    dtype = getattr(torch, a.dtype)
+    if backend == "gptq" and "dynamic" in json.loads((out / "base" / "config.json").read_text())["quantization_config"]:
+        # per-layer bits/group sizes or linears left fp16: transformers' GPTQ path (optimum's GPTQQuantizer) ignores
+        # `dynamic` and builds every decoder linear at the global bits, so load with GPT-QModel's own loader, which
+        # honours it. Its Torch kernel takes fp16/bf16 only, and it refuses sym=False in v1 (use gptq_v2).
+        from gptqmodel import BACKEND, GPTQModel
+
+        if dtype != torch.float16:
+            print(f"per-layer GPTQ config (dynamic): GPTQModel.load runs the base in float16, not {a.dtype}")
+        dtype = torch.float16
+        base = GPTQModel.load(str(out / "base"), device="cpu", backend=BACKEND.TORCH, dtype=dtype).model
+        backend = "gptqmodel.load"
+    elif backend == "gptq":
+        base = transformers.AutoModelForCausalLM.from_pretrained(str(out / "base"), device_map="cpu", dtype=dtype)
     else:
-        base = plain_model(out / "base")
+        base = plain_model(out / "base").to(dtype)
     model = peft.PeftModel.from_pretrained(base, str(out / "adapter")) if report["adapter"] else base
     ppl_exp = perplexity(model.eval(), tok, text, **kw)
     rel = ppl_exp / ppl_qlr - 1
@@ -123,14 +140,15 @@ def main() -> None:
           f"{report['max_abs_diff']:.3g}; {a.text}, {a.max_windows} windows × {a.seqlen} tokens\n")
     print("| model | bits/weight | perplexity |\n|---|---|---|")
     print(f"| qlr (Q + L R) | {report['qlr_bits_per_weight']:.3f} | {ppl_qlr:.4f} |")
-    print(f"| GPTQ base + PEFT LoRA ({backend}) | {report['engine_bits_per_weight']:.3f} "
+    print(f"| GPTQ base + PEFT LoRA ({backend}, {str(dtype)[6:]}) | {report['engine_bits_per_weight']:.3f} "
           f"(GPTQ {report['gptq_bits_per_weight']:.3f} + adapter {report['adapter_bits_per_weight']:.3f}) | "
           f"{ppl_exp:.4f} |")
     print(f"\nrelative difference {100 * rel:+.3f} % ({'within' if abs(rel) <= 0.01 else 'OUTSIDE'} the 1 % target)")
     path = write_result(f"export_peft_{Path(a.run).name}", {
         "meta": run_meta(), "run": a.run, "text": a.text, "seqlen": a.seqlen, "max_windows": a.max_windows,
-        "backend": backend, "checkpoint_format": a.checkpoint_format, "ppl_qlr": ppl_qlr, "ppl_exported": ppl_exp,
-        "relative_difference": rel, "report": {k: v for k, v in report.items() if k != "layers"}})
+        "backend": backend, "dtype": str(dtype)[6:], "checkpoint_format": a.checkpoint_format, "ppl_qlr": ppl_qlr,
+        "ppl_exported": ppl_exp, "relative_difference": rel,
+        "report": {k: v for k, v in report.items() if k != "layers"}})
     print(f"-> {path}")
     if tmp is not None:
         tmp.cleanup()

@@ -28,8 +28,9 @@ def export_tables(gguf: dict[str, dict[str, Any]], peft: dict[str, dict[str, Any
                    f" | {_commit(d)} |")
     for name, d in sorted(peft.items()):
         rep = d.get("report", {})
-        engine = ("transformers + gptqmodel + PEFT" if d.get("backend") == "gptqmodel" else
-                  "transformers + PEFT on the base dequantized by this script (no GPTQ kernel)")
+        engine = ("transformers + PEFT on the base dequantized by this script (no GPTQ kernel)"
+                  if d.get("backend") == "dequant" else
+                  f"GPTQModel 3-bit torch kernel + PEFT ({d.get('checkpoint_format')}, {d.get('dtype', 'float16')})")
         out.append(f"| `{name}` | {engine} | {d.get('max_windows', '?')} | {d['ppl_qlr']:.3f} | "
                    f"{d['ppl_exported']:.3f} | {100 * d['relative_difference']:+.3f} % | — | "
                    f"{rep.get('qlr_bits_per_weight', float('nan')):.3f} → "
@@ -43,6 +44,11 @@ def export_tables(gguf: dict[str, dict[str, Any]], peft: dict[str, dict[str, Any
             "- `smol-qera-8s-g32-r16`: `--bits 8 --rank 16` (Q8_0).",
             "- `smol-lorc4`: `--method lorc --bits 4 --rank 16 --group-size 64 --calib-samples 8 --seqlen 256` "
             "(GPTQ v1 base).",
+            "- `run_gptq_v2_f32` / `run_sym_gptq_f32`: `--method qera-exact --bits 3 --rank 16 --group-size 64 "
+            "--calib-samples 8 --seqlen 256` (asymmetric: exported as gptq_v2; with `--opt symmetric=true`: GPTQ "
+            "v1), loaded by GPTQModel 7.7.0 on CPU torch 2.13 (`pip install --no-deps gptqmodel` plus its small "
+            "runtime packages and optimum in a separate venv) with PEFT 0.21: `python benchmarks/export_peft.py "
+            "RUN --backend gptq --checkpoint-format FMT --max-windows 8`.",
             "- Then `python benchmarks/export_gguf.py RUN --windows 8 --threads 2` or "
             "`python benchmarks/export_peft.py RUN --text moby-dick --seqlen 512 --max-windows 8`.", ""]
     return "\n".join(out)

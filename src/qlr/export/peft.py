@@ -22,7 +22,10 @@
 The zero point z is stored per ``checkpoint_format``: ``"gptq"`` (v1, the default: read by every GPTQ engine)
 stores z − 1 and readers add 1 back; ``"gptq_v2"`` stores z itself (GPTQModel, recent vLLM). v1 cannot hold
 z = 0 (it would be −1: AutoGPTQ's overflow bug), so a run with such a group is refused in v1 with a pointer to
-``gptq_v2``. Q's codes, scales and zeros are copied, never re-rounded: only a scalar integer grid (qlr's
+``gptq_v2``. Loading (checked with GPTQModel 7.7 on CPU): transformers' ``from_pretrained`` reads both formats but
+ignores ``dynamic`` (per-layer bits, linears left fp16: it then fails on tensor shapes); ``GPTQModel.load`` honours
+``dynamic`` but refuses v1 with ``sym=False`` from a quantizer other than GPTQModel, so use ``gptq_v2`` there.
+Q's codes, scales and zeros are copied, never re-rounded: only a scalar integer grid (qlr's
 ``GridCodec``, ``fmt="int"``) at 2, 3, 4 or 8 bits, with fp16-representable scales and no incoherence rotation,
 exports; an act-order permutation becomes ``g_idx`` (stored column j of qlr is input ``perm[j]``) with
 ``desc_act``. Everything else (E8P lattice codes, Hadamard rotation, NormalFloat levels, 5–7 bits) is refused
