@@ -369,3 +369,28 @@ def test_kill_anywhere_then_resume_gives_identical_bytes(tmp_path, text_file):
         if name != "run_log.json":
             assert (ref / name).read_bytes() == (out / name).read_bytes(), name
     assert not (tmp_path / "o.partial").exists() and not list(tmp_path.glob(".o.qlr-saving"))
+
+
+@pytest.mark.parametrize("storage", ["requantize", "fp16"])
+def test_finetune_then_inspect_and_eval(tmp_path, model_dir, text_file, capsys, storage):
+    run, tuned = tmp_path / "run", tmp_path / "tuned"
+    assert main(["compress", "--model", str(model_dir), "--method", "caldera", "--bits", "2", "--rank", "8",
+                 "--calib-text", str(text_file), "--calib-samples", "4", "--seqlen", "64", "--opt", "outer_iters=1",
+                 "--opt", "inner_iters=1", "--out", str(run)]) == 0
+    assert main(["finetune", str(run), "--text", str(text_file), "--steps", "3", "--seqlen", "32", "--windows", "8",
+                 "--lr", "1e-3", "--storage", storage, "--out", str(tuned)]) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuned 14 layers" in out and f"stored as {storage}" in out
+    assert not (tmp_path / "tuned.partial").exists()
+    assert main(["inspect", str(tuned)]) == 0  # the reconciliation checks pass on the new factors
+    from qlr.io import inspect
+
+    before, after = inspect(run), inspect(tuned)
+    if storage == "requantize":
+        assert after["bits_per_weight_meta"] == before["bits_per_weight_meta"]
+    else:
+        assert after["bits_per_weight_meta"] > before["bits_per_weight_meta"]
+    cfg = json.loads((tuned / "qlr_config.json").read_text())
+    assert cfg["method"] == "caldera" and cfg["extra"]["finetune"]["config"]["steps"] == 3
+    assert main(["eval", str(tuned), "--text", str(text_file), "--seqlen", "64", "--no-fp"]) == 0
+    assert main(["finetune", str(run), "--text", str(text_file), "--steps", "3", "--out", str(tuned)]) == 2

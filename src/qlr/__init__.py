@@ -11,6 +11,7 @@ Models::
 
     model = qlr.compress("smollm2-135m", method="odlri", bits=2, rank=64)
     qlr.save(model, "dir", tokenizer); model = qlr.load("dir"); qlr.perplexity(model, tokenizer, text)
+    qlr.finetune(model, ids, qlr.FinetuneConfig(steps=100), teacher=fp_model)   # QPEFT: train L, R on frozen Q
     AutoModelForCausalLM.from_pretrained("dir")     # the same model through transformers (after `import qlr`)
 """
 
@@ -22,7 +23,7 @@ from .integrations import install_transformers_hook
 __version__ = "0.1.0"
 
 __all__ = ["Decomposition", "activation_aware_error", "decompose", "methods", "compress", "save", "load",
-           "load_tokenizer", "perplexity", "__version__"]
+           "load_tokenizer", "perplexity", "finetune", "FinetuneConfig", "__version__"]
 
 # AutoModelForCausalLM.from_pretrained(qlr checkpoint) works after `import qlr`; transformers is not imported here
 install_transformers_hook()
@@ -38,4 +39,8 @@ def __getattr__(name: str) -> Any:
         from .eval.perplexity import perplexity
 
         return perplexity
+    if name in ("finetune", "FinetuneConfig"):
+        from . import train
+
+        return getattr(train, name)
     raise AttributeError(f"module 'qlr' has no attribute {name!r}")

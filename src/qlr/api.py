@@ -20,7 +20,7 @@ from .calibration.pipeline import CompressionPlan, check_model, compress_blocks,
 from .data import calibration_batches, load_text, text_hash
 from .models.loading import load_model
 
-__all__ = ["compress", "save", "load", "load_tokenizer", "check_device"]
+__all__ = ["compress", "save", "load", "load_tokenizer", "check_device", "finetune_checkpoint", "run_info"]
 
 
 def compress(model_or_path: nn.Module | str | os.PathLike[str], method: str = "odlri", bits: int = 2,
@@ -139,3 +139,71 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
 
 def load_tokenizer(directory: str | Path) -> Any:
     return _io.load_tokenizer(directory)
+
+
+def run_info(directory: str | Path) -> dict[str, Any]:
+    """The run description of a saved checkpoint in the form :func:`save` takes (method, bits, rank, budget,
+    layers, options, calibration hash, fingerprint, per-layer metrics without their bits/weight, and the extras
+    such as the base ``model``), so that a derived checkpoint (e.g. after :func:`finetune_checkpoint`) keeps it."""
+    import json
+
+    cfg = _io.verify(directory)
+    info: dict[str, Any] = {k: cfg.get(k) for k in ("method", "bits", "rank", "budget", "options",
+                                                     "calibration_sha256", "run_fingerprint")}
+    info["layers"] = cfg.get("layers_pattern")
+    info["full_precision_layers"] = cfg.get("full_precision_layers") or {}
+    info["layer_metrics"] = {lay["name"]: {k: v for k, v in lay.get("metrics", {}).items() if k != "bits_per_weight"}
+                             for lay in cfg["layers"]}
+    info.update(json.loads(json.dumps(cfg.get("extra") or {})))
+    return info
+
+
+def finetune_checkpoint(run: str | Path, out: str | Path, *, text: str = "sotu", windows: int = 512,
+                        seqlen: int = 256, teacher: str | None = None, config: Any = None, resume: bool = False,
+                        progress: bool = True, log: Any = None) -> tuple[nn.Module, Any]:
+    """Fine-tune the L, R factors of the checkpoint ``run`` (QPEFT, :func:`qlr.train.finetune`) and save the
+    result to ``out``. Returns (model, :class:`~qlr.train.FinetuneResult`).
+
+    Args:
+        run, out: the checkpoint to start from and the directory to write (its training state lives in
+            ``OUT.partial`` until the save, so that ``resume=True`` continues a killed run).
+        text: training text (a built-in corpus name or a local path; never the text you evaluate on).
+        windows, seqlen: ``windows`` random windows of ``seqlen`` tokens drawn from ``text`` (seed ``config.seed``
+            + 1, so not the calibration windows of a run with the same seed).
+        teacher: the full-precision model for ``objective="kd"`` (default: the base model recorded in ``run``).
+        config: a :class:`~qlr.train.FinetuneConfig` (default settings when None).
+    """
+    from .train import FinetuneConfig, finetune
+
+    cfg = config or FinetuneConfig()
+    info = run_info(run)
+    model = _io.load(run)
+    try:
+        tokenizer = _io.load_tokenizer(run)
+    except FileNotFoundError:
+        tokenizer = None
+    teacher_model = None
+    base = teacher or info.get("model")
+    if cfg.objective == "kd" or tokenizer is None:
+        if base is None:
+            raise ValueError(f"{run} does not record its base model: pass teacher= (--teacher) with the "
+                             "full-precision model it was compressed from")
+        teacher_model, base_tok = load_model(base)
+        tokenizer = tokenizer or base_tok
+    ids = calibration_batches(tokenizer, load_text(text), windows, seqlen, cfg.seed + 1, progress=progress)
+    out = Path(out)
+    work = out.with_name(out.name + ".partial")
+    result = finetune(model, ids, cfg, teacher=teacher_model if cfg.objective == "kd" else None, work_dir=work,
+                      resume=resume, progress=progress, log=log)
+    record = result.to_dict()
+    info["seconds"] = record.pop("seconds")
+    record.update({"text": text if isinstance(text, str) else "<in-memory>", "text_sha256": text_hash(
+        load_text(text)), "windows": windows, "seqlen": seqlen, "teacher": base if cfg.objective == "kd" else None,
+        "from": str(run)})
+    info["finetune"] = record
+    model.qlr_info = info
+    _io.save(model, out, tokenizer=tokenizer, info=info)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return model, result

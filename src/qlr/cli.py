@@ -1,9 +1,10 @@
-"""``qlr`` command line: compress, eval, inspect, export, demo, methods.
+"""``qlr`` command line: compress, eval, inspect, export, finetune, demo, methods.
 
     qlr compress --model smollm2-135m --method odlri --bits 2 --rank 64 --out runs/smol-odlri-2b-r64
     qlr eval runs/smol-odlri-2b-r64
     qlr inspect runs/smol-odlri-2b-r64
     qlr export runs/smol-odlri-2b-r64 --format peft --out exported/smol-odlri-2b-r64
+    qlr finetune runs/smol-odlri-2b-r64 --steps 100 --out runs/smol-odlri-2b-r64-kd
     qlr demo
 """
 
@@ -278,6 +279,31 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(a: argparse.Namespace) -> int:
+    out = Path(a.out)
+    _check_out(out, a.resume)  # first, before the heavy imports
+    from qlr.api import finetune_checkpoint
+    from qlr.data import load_text
+    from qlr.io import verify
+    from qlr.train import FinetuneConfig
+
+    verify(a.run)
+    cfg = FinetuneConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, objective=a.objective,
+                         storage=a.storage, seed=a.seed, warmup=max(1, a.steps // 10) if a.warmup is None
+                         else a.warmup, gradient_checkpointing=a.gradient_checkpointing, save_every=a.save_every)
+    load_text(a.text)
+    model, res = finetune_checkpoint(a.run, out, text=a.text, windows=a.windows, seqlen=a.seqlen,
+                                     teacher=a.teacher, config=cfg, resume=a.resume)
+    first, last = res.losses[0], sum(res.losses[-5:]) / len(res.losses[-5:])
+    from qlr.io import inspect
+
+    bpw = inspect(out)["bits_per_weight_meta"]
+    print(f"fine-tuned {res.layers} layers' L, R ({res.trainable_parameters:,} parameters) for {a.steps} steps "
+          f"({res.tokens:,} tokens, {res.seconds / 60:.1f} min): {a.objective} loss {first:.4f} -> {last:.4f}; "
+          f"factors stored as {a.storage}: {bpw:.3f} bits/weight -> {out}")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     """FP vs RTN vs ODLRI on SmolLM2 at about 2.5 bits/weight, perplexity on held-out Moby-Dick.
 
@@ -414,6 +440,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exporter option, repeatable, e.g. --opt checkpoint_format=gptq_v2 (peft: "
                         "checkpoint_format gptq|gptq_v2, base_model_name_or_path)")
     x.set_defaults(fn=cmd_export)
+
+    t = sub.add_parser("finetune", help="train the L, R factors of a checkpoint on a frozen Q (QPEFT)",
+                       formatter_class=fmt,
+                       description="Fine-tune every compressed layer's L and R (float32 masters; Q's codes stay "
+                                   "frozen) and save the result. kd: match the full-precision model's next-token "
+                                   "distribution (recovery after compression; the teacher is the base model the "
+                                   "run recorded, or --teacher); lm: next-token cross-entropy on --text (task "
+                                   "adaptation). The factors are stored re-quantized in their formats (bits/weight "
+                                   "unchanged) or in fp16 (--storage fp16, the extra bits counted).")
+    t.add_argument("run", help="qlr checkpoint directory to start from")
+    t.add_argument("--out", required=True, help="checkpoint directory to create: must not exist or be empty")
+    t.add_argument("--objective", choices=("kd", "lm"), default="kd", help="training objective")
+    t.add_argument("--text", default="sotu", help="training text: built-in corpus or local file/directory "
+                                                  "(never the text you evaluate on)")
+    t.add_argument("--steps", type=_count(1), default=100, help="optimizer steps")
+    t.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
+    t.add_argument("--batch-size", type=_count(1), default=4, help="windows per step")
+    t.add_argument("--seqlen", type=_count(2), default=256, help="tokens per training window")
+    t.add_argument("--windows", type=_count(1), default=512, help="distinct training windows drawn from --text")
+    t.add_argument("--warmup", type=_count(0), default=None, help="warm-up steps (default: steps / 10)")
+    t.add_argument("--storage", choices=("requantize", "fp16"), default="requantize",
+                   help="how the trained factors are stored")
+    t.add_argument("--teacher", default=None, help="full-precision model for kd (default: the run's base model)")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
+    t.add_argument("--save-every", type=_count(0), default=25, help="save the training state every N steps")
+    t.add_argument("--seed", type=int, default=0, help="seed of the training windows and batches")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
+    t.set_defaults(fn=cmd_finetune)
 
     d = sub.add_parser("demo", help="FP vs RTN vs ODLRI on SmolLM2 at ~2.5 bits/weight", formatter_class=fmt)
     d.add_argument("--quick", action="store_true", help="fewer windows, samples and iterations")

@@ -52,7 +52,8 @@ class FinetuneConfig:
         weight_decay: AdamW weight decay (decoupled).
         warmup: warm-up steps.
         grad_clip: global gradient-norm clip (0 = off).
-        storage: how the trained factors are stored: ``"requantize"`` (their original formats) or ``"fp16"``.
+        storage: how the trained factors are stored: ``"requantize"`` (their original formats), ``"fp16"``, or
+            ``"none"`` (leave the float32 parameters in place; call ``QLRLinear.store_factors`` later).
         seed: seeds the window drawn at every step.
         gradient_checkpointing: recompute each block's activations in the backward pass (transformers models).
         save_every: with a ``work_dir``, save the training state every this many steps (0 = only at the end).
@@ -74,8 +75,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.objective not in ("kd", "lm"):
             raise ValueError(f"objective must be 'kd' or 'lm', got {self.objective!r}")
-        if self.storage not in ("requantize", "fp16"):
-            raise ValueError(f"storage must be 'requantize' or 'fp16', got {self.storage!r}")
+        if self.storage not in ("requantize", "fp16", "none"):
+            raise ValueError(f"storage must be 'requantize', 'fp16' or 'none', got {self.storage!r}")
         for name in ("steps", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -260,8 +261,9 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
             p.requires_grad_(flag)
     if wd is not None:
         _save_state(wd, cfg.steps, layers, opt, losses, cfg)
-    for mod in layers.values():
-        mod.store_factors(cfg.storage)
+    if cfg.storage != "none":
+        for mod in layers.values():
+            mod.store_factors(cfg.storage)
     result.tokens = (cfg.steps - start) * cfg.batch_size * ids.shape[1]
     result.seconds = time.perf_counter() - t0
     return result
