@@ -99,3 +99,19 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         if not cpu.available():
             pytest.fail(f"compiled kernels did not build: {cpu.build_error()}")
     return request.param
+
+
+def interrupt_after_layers(monkeypatch: pytest.MonkeyPatch, n_layers: int) -> None:
+    """Make the next compression stop (KeyboardInterrupt, as Ctrl-C would) once ``n_layers`` layers are written to
+    its work directory."""
+    import qlr.calibration.pipeline as pl
+
+    real, done = pl.save_layer, []
+
+    def save_layer(*a: object, **k: object) -> None:
+        real(*a, **k)
+        done.append(1)
+        if len(done) >= n_layers:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pl, "save_layer", save_layer)

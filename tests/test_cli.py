@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qlr.cli import main
+from tests.conftest import interrupt_after_layers
 
 
 @pytest.fixture
@@ -202,21 +203,6 @@ def _save_model_dir(model, path: Path) -> Path:
     return path
 
 
-def _interrupt_after(monkeypatch, n_layers: int) -> None:
-    """Make the next compression stop (KeyboardInterrupt, as Ctrl-C would) once ``n_layers`` layers are written."""
-    import qlr.calibration.pipeline as pl
-
-    real, done = pl.save_layer, []
-
-    def save_layer(*a, **k):
-        real(*a, **k)
-        done.append(1)
-        if len(done) >= n_layers:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(pl, "save_layer", save_layer)
-
-
 def _compress_args(model_dir, text_file, out, *extra):
     return ["compress", "--model", str(model_dir), "--calib-text", str(text_file), "--calib-samples", "2",
             "--seqlen", "32", "--method", "lorc", "--bits", "3", "--rank", "4", "--out", str(out), *extra]
@@ -236,7 +222,7 @@ def test_resume_refuses_another_run(tmp_path, model_dir, text_file, capsys, monk
     from qlr.models.tiny import tiny_llama
 
     out = tmp_path / "o"
-    _interrupt_after(monkeypatch, 3)
+    interrupt_after_layers(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         main(_compress_args(model_dir, text_file, out))
     monkeypatch.undo()

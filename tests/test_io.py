@@ -18,6 +18,7 @@ from qlr.decompose.base import Decomposition
 from qlr.nn import QLRLinear
 from qlr.quant.grid import QuantizedTensor, QuantSpec, quantize_rtn
 from qlr.quant.hadamard import Incoherence
+from tests.models.archs import tiny_tied_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,11 +48,8 @@ def _rtn_decomposition(W: torch.Tensor, i: int) -> Decomposition:
 def tiny_compressed_llama(decomposition=_rtn_decomposition) -> tuple[nn.Module, dict[str, float]]:
     """A tiny tied-embedding Llama (with attention biases) whose 14 decoder linears are replaced by QLRLinear
     modules built from ``decomposition(W, layer index)``; returns the model and each layer's recorded error."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True,
-                                   max_position_embeddings=64, attention_bias=True)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    torch.manual_seed(0)  # the decompositions below may draw from the global generator
+    model = tiny_tied_llama()
     names = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and n.startswith("model.layers")]
     act_err = {}
     for i, name in enumerate(names):

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-import qlr.calibration.pipeline as pl
 from qlr.calibration.pipeline import CompressionPlan, compress_blocks
 from qlr.calibration.workdir import FINGERPRINT_NAME, layer_file, run_fingerprint
 from qlr.models.tiny import tiny_llama
+from tests.conftest import interrupt_after_layers
 
 PLAN = CompressionPlan(method="lorc", bits=3, rank=4)
 
@@ -19,15 +19,7 @@ def _ids(n=2, t=32, seed=0):
 
 def _interrupted(work, monkeypatch, plan=PLAN, n_layers=3, model=None):
     """Run until ``n_layers`` layers are written, then stop as a killed run would."""
-    real, done = pl.save_layer, []
-
-    def save_layer(*a, **k):
-        real(*a, **k)
-        done.append(1)
-        if len(done) >= n_layers:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(pl, "save_layer", save_layer)
+    interrupt_after_layers(monkeypatch, n_layers)
     with pytest.raises(KeyboardInterrupt):
         compress_blocks(model or tiny_llama(seed=0), _ids(), plan, work_dir=work, progress=False)
     monkeypatch.undo()

@@ -23,6 +23,7 @@ from qlr.nn import QLRLinear
 from qlr.quant.e8p import quantize_e8p
 from qlr.quant.grid import QuantizedTensor, QuantSpec, quantize_rtn
 from qlr.quant.hadamard import Incoherence
+from tests.models.archs import tiny_tied_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -122,11 +123,8 @@ def _tokenizer():
 
 def _tiny_run(directory: Path, decomposition=_decomposition, skip: tuple[str, ...] = (UNCOMPRESSED,)) -> dict:
     """Save a tiny tied-embedding Llama (attention biases) whose decoder linears (but ``skip``) are QLRLinear."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True,
-                                   max_position_embeddings=64, attention_bias=True)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    torch.manual_seed(0)  # the decompositions below may draw from the global generator
+    model = tiny_tied_llama()
     names = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and n.startswith("model.layers")]
     qs = {}
     for i, name in enumerate(names):

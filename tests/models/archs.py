@@ -52,3 +52,15 @@ def tiny_causal_lm(arch: str, seed: int = 0, **overrides: object) -> nn.Module:
 def token_ids(batch: int = 4, length: int = 32, seed: int = 0) -> torch.Tensor:
     """Random ids (batch, length) in the tiny vocabulary."""
     return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_tied_llama(seed: int = 0) -> nn.Module:
+    """A 2-layer Llama (hidden 64, vocabulary 256) with tied embeddings and attention biases, seeded, eval mode:
+    the shape the checkpoint and export tests build their hand-made compressed models on."""
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                      tie_word_embeddings=True, max_position_embeddings=64, attention_bias=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM(config)
+    return model.eval()

@@ -121,20 +121,13 @@ def _unfuse(path: str, fused: nn.Module) -> UnfusedExperts:
     for e in range(n_exp):
         mlp = ExpertMLP(hidden, inter, gated, has_bias, up_all.device, up_all.dtype)
         if real:
+            parts = ((mlp.gate_proj, gate_rows), (mlp.up_proj, up_rows_sel)) if gated else ((mlp.up_proj, slice(None)),)
             with torch.no_grad():
-                if gated:
-                    mlp.gate_proj.weight.copy_(up_all[e, gate_rows])
-                    mlp.up_proj.weight.copy_(up_all[e, up_rows_sel])
-                else:
-                    mlp.up_proj.weight.copy_(up_all[e])
-                mlp.down_proj.weight.copy_(down_all[e])
-                if has_bias:
-                    if gated:
-                        mlp.gate_proj.bias.copy_(up_bias[e, gate_rows])
-                        mlp.up_proj.bias.copy_(up_bias[e, up_rows_sel])
-                    else:
-                        mlp.up_proj.bias.copy_(up_bias[e])
-                    mlp.down_proj.bias.copy_(down_bias[e])
+                for linear, rows in (*parts, (mlp.down_proj, slice(None))):
+                    full, bias = (down_all, down_bias) if linear is mlp.down_proj else (up_all, up_bias)
+                    linear.weight.copy_(full[e, rows])
+                    if has_bias:
+                        linear.bias.copy_(bias[e, rows])
         experts.append(mlp)
     norm = getattr(fused, "post_expert_norm", None) if getattr(fused, "has_post_expert_norm", False) else None
     return UnfusedExperts(experts, fused.act_fn, norm)
