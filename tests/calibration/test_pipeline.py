@@ -157,3 +157,23 @@ def test_budget_with_lattice_codes_lands_at_target():
         bits = 2 * m * n + 16 + 4 * r * (m + n) + 2 * 2 * 16 + (m + n)
         assert bits / (m * n) <= 2.5
         assert (bits + 4 * 8 * (m + n)) / (m * n) > 2.5  # 8 more ranks would not fit
+
+
+def test_capture_keeps_an_instance_forward_wrapper(tiny_model):
+    """A block whose forward is wrapped on the instance (as accelerate's offloading hooks do) is called through
+    the wrapper while capturing, and gets the wrapper back afterwards."""
+    from qlr.calibration.pipeline import capture_block_inputs
+
+    block = tiny_model.model.layers[0]
+    calls = []
+    real = type(block).forward.__get__(block)
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    block.forward = wrapper
+    state = capture_block_inputs(tiny_model, _ids(), batch_size=8)
+    assert calls and block.__dict__["forward"] is wrapper
+    assert "forward" not in tiny_model.model.layers[1].__dict__
+    assert len(state.calls) == 2 and len(state.hidden) == 1

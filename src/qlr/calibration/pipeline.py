@@ -240,8 +240,10 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, batch_size: int = 
     result = BlockInputs(hidden=[], calls=[[] for _ in blocks])
     template: list[Any] = []  # what follows the hidden states in a block's tuple output (learned from block 0)
 
+    previous = [block.__dict__.get("forward") for block in blocks]  # e.g. accelerate's offloading wrappers
+
     def recorder(b: int, block: nn.Module) -> Callable[..., Any]:
-        original = type(block).forward
+        original = previous[b] or type(block).forward.__get__(block)
 
         def record(*args: Any, **kwargs: Any) -> Any:
             hs = args[0] if args else kwargs.pop("hidden_states")
@@ -253,7 +255,7 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, batch_size: int = 
             if b == 0:
                 result.hidden.append(hs.detach())
                 if not template:
-                    out = original(block, hs, *rest, **kw)
+                    out = original(hs, *rest, **kw)
                     template.append(out[1:] if isinstance(out, tuple) else None)
             if b == len(blocks) - 1:
                 raise _Stop
@@ -270,8 +272,11 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, batch_size: int = 
             except _Stop:
                 pass
     finally:
-        for block in blocks:
-            del block.forward
+        for block, forward in zip(blocks, previous, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
     if any(len(c) != n_batches for c in result.calls):
         raise ValueError(f"{type(model).__name__} did not call each decoder block once per forward pass; qlr's "
                          "block-by-block calibration cannot handle it")
