@@ -54,6 +54,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512, help="evaluation window length")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--through-rounding", action="store_true",
+                   help="train through the factors' storage rounding (straight-through gradients)")
     p.add_argument("--tag", default="")
     a = p.parse_args()
     if a.threads:
@@ -73,7 +75,8 @@ def main() -> None:
     bpw_before = _bpw(student)
     ids = calibration_batches(tok, load_text(a.text), a.train_windows, a.train_seqlen, a.seed + 1)
     cfg = FinetuneConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, objective=a.objective,
-                         storage="none", seed=a.seed, warmup=max(1, a.steps // 10))
+                         storage="none", seed=a.seed, warmup=max(1, a.steps // 10),
+                         through_rounding=a.through_rounding)
     res = finetune(student, ids, cfg, teacher=fp if a.objective == "kd" else None)
     after_float = perplexity(student, tok, held_out, seqlen=a.seqlen, max_windows=a.windows)
     stored = {}
@@ -84,7 +87,8 @@ def main() -> None:
         stored[storage] = (perplexity(model, tok, held_out, seqlen=a.seqlen, max_windows=a.windows), _bpw(model))
     after, bpw_after = stored["requantize"]
     row = {"meta": run_meta(a.seed), "run": str(a.run), "base": base, "method": info.get("method"),
-           "objective": a.objective, "steps": a.steps, "lr": a.lr, "batch_size": a.batch_size,
+           "objective": a.objective, "through_rounding": a.through_rounding, "steps": a.steps, "lr": a.lr,
+           "batch_size": a.batch_size,
            "train_seqlen": a.train_seqlen, "train_text": a.text, "train_windows": int(ids.shape[0]),
            "tokens": res.tokens, "train_seconds": res.seconds, "eval_seconds_before": eval_s,
            "eval_windows": a.windows, "eval_seqlen": a.seqlen, "eval_text": "moby-dick",
@@ -93,7 +97,7 @@ def main() -> None:
            "ppl_after_float_factors": after_float, "ppl_after_fp16": stored["fp16"][0],
            "bits_per_weight_fp16": stored["fp16"][1], "layers": res.layers,
            "trainable_parameters": res.trainable_parameters, "losses": res.losses}
-    name = f"finetune_{a.run.name}_{a.objective}_s{a.steps}{a.tag}"
+    name = f"finetune_{a.run.name}_{a.objective}{'_ste' if a.through_rounding else ''}_s{a.steps}{a.tag}"
     path = write_result(name, row)
     print(f"{a.run.name}: perplexity {before:.2f} -> {after:.2f} ({100 * row['ppl_change']:+.1f} %; FP {fp_ppl:.2f}) "
           f"at {bpw_after:.3f} bits/weight (factors re-quantized); fp16 factors {stored['fp16'][0]:.2f} at "

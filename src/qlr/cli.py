@@ -290,7 +290,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     verify(a.run)
     cfg = FinetuneConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, objective=a.objective,
                          storage=a.storage, seed=a.seed, warmup=max(1, a.steps // 10) if a.warmup is None
-                         else a.warmup, gradient_checkpointing=a.gradient_checkpointing, save_every=a.save_every)
+                         else a.warmup, gradient_checkpointing=a.gradient_checkpointing, save_every=a.save_every,
+                         through_rounding=a.through_rounding)
     load_text(a.text)
     model, res = finetune_checkpoint(a.run, out, text=a.text, windows=a.windows, seqlen=a.seqlen,
                                      teacher=a.teacher, config=cfg, resume=a.resume)
@@ -462,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=_count(0), default=None, help="warm-up steps (default: steps / 10)")
     t.add_argument("--storage", choices=("requantize", "fp16"), default="requantize",
                    help="how the trained factors are stored")
+    t.add_argument("--through-rounding", action="store_true",
+                   help="train through the factors' storage rounding (straight-through), so that the re-quantized "
+                        "factors are exactly the trained ones")
     t.add_argument("--teacher", default=None, help="full-precision model for kd (default: the run's base model)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
     t.add_argument("--save-every", type=_count(0), default=25, help="save the training state every N steps")

@@ -123,3 +123,19 @@ def test_bad_inputs():
         finetune(model, torch.zeros(2, 8, dtype=torch.long), FinetuneConfig(objective="lm"), progress=False)
     with pytest.raises(ValueError, match="needs the full-precision teacher"):
         finetune(model, torch.zeros(2, 8, dtype=torch.long), FinetuneConfig(), progress=False)
+
+
+def test_training_through_rounding_stores_exactly_the_trained_model(compressed):
+    fp, student, ids = compressed
+    model = copy.deepcopy(student)
+    bpw = {n: m.bits_per_weight for n, m in trainable_layers(model).items()}
+    res = finetune(model, ids, FinetuneConfig(steps=6, lr=3e-3, batch_size=4, warmup=1, storage="none",
+                                              through_rounding=True), teacher=fp, progress=False)
+    assert len(res.losses) == 6
+    with torch.no_grad():
+        trained = model(ids[:2]).logits
+        for mod in trainable_layers(model).values():
+            mod.store_factors("requantize")
+        stored = model(ids[:2]).logits
+    torch.testing.assert_close(stored, trained, rtol=1e-4, atol=1e-4)
+    assert {n: m.bits_per_weight for n, m in trainable_layers(model).items()} == bpw

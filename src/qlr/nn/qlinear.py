@@ -91,10 +91,11 @@ class Codec(Protocol):
         """(n,) stored-to-original column map (stored column j is original column perm[j]), or None."""
         ...
 
-    def quantize_like(self, x: Tensor, meta: Mapping[str, Any]) -> Any:
+    def quantize_like(self, x: Tensor, meta: Mapping[str, Any], scales: Tensor | None = None) -> Any:
         """Round the float matrix ``x`` (shape ``meta["shape"]``) into this codec's format with ``meta``'s settings
-        (bits, group size, stages, scale width); the result is what :meth:`encode` takes. Used to store factors
-        again after fine-tuning."""
+        (bits, group size, stages, scale width); the result is what :meth:`encode` takes. ``scales``: keep these
+        per-matrix scales (codecs with per-matrix scales) instead of choosing new ones. Used to store factors
+        again after fine-tuning, and to round them in the forward pass while training through the rounding."""
         ...
 
     # optional: ``cpu_factor(bufs, meta) -> qlr.kernels.cpu.FactorPlan | None`` describes the factor to the fused
@@ -162,7 +163,7 @@ class GridCodec:
                 "perm": qt.perm is not None}
         return bufs, meta
 
-    def quantize_like(self, x: Tensor, meta: Mapping[str, Any]) -> QuantizedTensor:
+    def quantize_like(self, x: Tensor, meta: Mapping[str, Any], scales: Tensor | None = None) -> QuantizedTensor:
         if meta.get("perm"):
             raise ValueError("cannot re-quantize a factor stored with a column permutation")
         return quantize_rtn(x.detach().float(), self.spec(meta))
@@ -247,8 +248,10 @@ class LatticeCodec:
         bufs = {"codes": lt.codes.detach().clone(), "scale": scale.clone()}
         return bufs, {"codec": self.name, "shape": [m, n], "stages": stages, "scale_bits": lt.scale_bits}
 
-    def quantize_like(self, x: Tensor, meta: Mapping[str, Any]) -> LatticeQuantizedTensor:
-        return quantize_e8p(x.detach().float(), stages=meta["stages"], scale_bits=meta["scale_bits"])
+    def quantize_like(self, x: Tensor, meta: Mapping[str, Any], scales: Tensor | None = None
+                      ) -> LatticeQuantizedTensor:
+        return quantize_e8p(x.detach().float(), stages=meta["stages"], scale_bits=meta["scale_bits"],
+                            scale=None if scales is None else scales.float().tolist())
 
     def empty(self, meta: Mapping[str, Any], device: torch.device | str) -> dict[str, Tensor]:
         m, n = meta["shape"]
@@ -291,7 +294,7 @@ class DenseCodec:
         return {"dense": t.detach().to(self.dtype).contiguous()}, {"codec": self.name, "shape": list(t.shape),
                                                                    "dtype": _dtype_name(self.dtype)}
 
-    def quantize_like(self, x: Tensor, meta: Mapping[str, Any]) -> Tensor:
+    def quantize_like(self, x: Tensor, meta: Mapping[str, Any], scales: Tensor | None = None) -> Tensor:
         return x.detach()
 
     def empty(self, meta: Mapping[str, Any], device: torch.device | str) -> dict[str, Tensor]:
@@ -547,7 +550,8 @@ class QLRLinear(nn.Module):
         else:
             y = torch.zeros(x2.shape[0], m, dtype=dtype, device=x.device)
         if training_factors:  # differentiable in L and R (and x); out of place for autograd
-            y = y + (x2 @ self.r_train.to(dtype).T) @ self.l_train.to(dtype).T
+            L, R = self._trained_factors(dtype)
+            y = y + (x2 @ R.T) @ L.T
         elif self.rank > 0:  # y + (x Rᵀ) Lᵀ as one GEMM with accumulation; L is small (m × r)
             L = codec_for(name=self.meta["l"]["codec"]).dense(self._bufs("l"), self.meta["l"])
             y = y.addmm_(self._matmul("r", x2), L.to(dtype).T)
@@ -558,38 +562,63 @@ class QLRLinear(nn.Module):
         return y.reshape(*lead, m)
 
     # ---- fine-tuning the low-rank factors ----------------------------------------------------------------------
-    def train_factors(self, dtype: torch.dtype = torch.float32) -> tuple[nn.Parameter, nn.Parameter]:
+    def train_factors(self, dtype: torch.dtype = torch.float32, through_rounding: bool = False
+                      ) -> tuple[nn.Parameter, nn.Parameter]:
         """Make L (m × r) and R (r × n) trainable: they are decoded once into float parameters ``l_train`` and
         ``r_train`` (in the stored domain: rotated when the layer is), which :meth:`forward` then uses in place of
         their codes. Q's codes, the rotation signs and the bias stay frozen buffers. Idempotent; returns
-        ``(l_train, r_train)``. Raises ValueError for a layer of rank 0."""
+        ``(l_train, r_train)``. Raises ValueError for a layer of rank 0.
+
+        ``through_rounding``: the forward uses the factors rounded to their stored formats (per-matrix E8P scales
+        kept fixed at their stored values, grid scales recomputed), with a straight-through gradient, so training
+        sees exactly what :meth:`store_factors` will store."""
         if self.rank == 0:
             raise ValueError("this QLRLinear has rank 0: no L, R to train")
         if self.l_train is None:
             self.l_train = nn.Parameter(self._dense("l").to(dtype))
             self.r_train = nn.Parameter(self._dense("r").to(dtype))
+            self.__dict__["_rounding"] = ({f: self._bufs(f).get("scale") if self.meta[f]["codec"] == "e8p" else None
+                                           for f in ("l", "r")} if through_rounding else None)
         return self.l_train, self.r_train
+
+    def _rounded(self, f: str, x: Tensor, scales: Tensor | None) -> Tensor:
+        """``x`` rounded to factor ``f``'s stored format (float32, no gradient)."""
+        codec = codec_for(name=self.meta[f]["codec"])
+        q = codec.quantize_like(x, self.meta[f], scales)
+        return q.float() if isinstance(q, Tensor) else q.dequantize().float()
+
+    def _trained_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        L, R = self.l_train, self.r_train
+        rounding = self.__dict__.get("_rounding")
+        if rounding is not None:  # straight-through: the value of the rounded factor, the gradient of the float one
+            L = L + (self._rounded("l", L, rounding["l"]).to(L) - L).detach()
+            R = R + (self._rounded("r", R, rounding["r"]).to(R) - R).detach()
+        return L.to(dtype), R.to(dtype)
 
     @torch.no_grad()
     def store_factors(self, storage: str = "requantize") -> None:
         """End fine-tuning: write ``l_train``/``r_train`` back into the buffers and drop the parameters.
 
         ``storage="requantize"`` rounds them into the formats they were stored in (same codec, bits, group size
-        or E8P stages; fresh scales), after balancing each rank-1 term so that ‖L[:, i]‖ = ‖R[i, :]‖ (the product
-        is unchanged); ``"fp16"`` keeps them as dense fp16 (the extra bits are counted by :meth:`storage_bits`).
+        or E8P stages): after training through the rounding, exactly as the forward rounded them; otherwise with
+        fresh scales, after balancing each rank-1 term so that ‖L[:, i]‖ = ‖R[i, :]‖ (the product is unchanged).
+        ``"fp16"`` keeps them as dense fp16 (the extra bits are counted by :meth:`storage_bits`).
         """
         if storage not in ("requantize", "fp16"):
             raise ValueError(f"storage must be 'requantize' or 'fp16', got {storage!r}")
         if self.l_train is None:
             return
         L, R = self.l_train.detach().float(), self.r_train.detach().float()
-        ln, rn = L.norm(dim=0).clamp_min(1e-30), R.norm(dim=1).clamp_min(1e-30)
-        c = (rn / ln).sqrt()
-        L, R = L * c, R / c[:, None]
+        rounding = self.__dict__.pop("_rounding", None)
+        if rounding is None or storage == "fp16":
+            ln, rn = L.norm(dim=0).clamp_min(1e-30), R.norm(dim=1).clamp_min(1e-30)
+            c = (rn / ln).sqrt()
+            L, R = L * c, R / c[:, None]
+            rounding = {"l": None, "r": None}
         for f, x in (("l", L), ("r", R)):
             old = self.meta[f]
             codec = codec_for(name="dense") if storage == "fp16" else codec_for(name=old["codec"])
-            bufs, fmeta = codec.encode(codec.quantize_like(x, old))
+            bufs, fmeta = codec.encode(codec.quantize_like(x, old, rounding[f]))
             for k in [k for k in self._buffers if k.startswith(f + "_")]:
                 del self._buffers[k]
             for k, v in bufs.items():

@@ -57,6 +57,9 @@ class FinetuneConfig:
         seed: seeds the window drawn at every step.
         gradient_checkpointing: recompute each block's activations in the backward pass (transformers models).
         save_every: with a ``work_dir``, save the training state every this many steps (0 = only at the end).
+        through_rounding: train through the factors' storage rounding (straight-through gradients; E8P scales
+            fixed at their stored values), so that ``storage="requantize"`` stores exactly the model that was
+            trained; costs a rounding of every factor at every step.
     """
 
     steps: int = 100
@@ -71,6 +74,7 @@ class FinetuneConfig:
     seed: int = 0
     gradient_checkpointing: bool = False
     save_every: int = 0
+    through_rounding: bool = False
 
     def __post_init__(self) -> None:
         if self.objective not in ("kd", "lm"):
@@ -218,7 +222,7 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
         p.requires_grad_(False)
     params: list[nn.Parameter] = []
     for mod in layers.values():
-        params.extend(mod.train_factors())
+        params.extend(mod.train_factors(through_rounding=cfg.through_rounding))
     if teacher is not None:
         teacher.eval()
         for p in teacher.parameters():
