@@ -14,6 +14,9 @@ def finetune_table(rows: dict[str, dict[str, Any]]) -> str:
            "(never the held-out text), score the same held-out Moby-Dick windows before and after. \"re-quantized\" "
            "stores the trained factors in their original formats (bits/weight unchanged: the headline); \"fp16\" "
            "keeps them in fp16 (bits counted); \"float32\" is the trained model before storing.", "",
+           "`_ste` rows trained through the factors' storage rounding (`--through-rounding`): there the float32 and "
+           "re-quantized models are the same, and the fp16 column stores the float masters, which were never what "
+           "the model computed.", "",
            "| result file | objective | steps × batch × tokens | train time | FP ppl | before | after, re-quantized | "
            "change | after, fp16 factors | after, float32 | bits/weight (re-quantized / fp16) | commit |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
