@@ -190,16 +190,16 @@ def finetune_checkpoint(run: str | Path, out: str | Path, *, text: str = "sotu",
                              "full-precision model it was compressed from")
         teacher_model, base_tok = load_model(base)
         tokenizer = tokenizer or base_tok
-    ids = calibration_batches(tokenizer, load_text(text), windows, seqlen, cfg.seed + 1, progress=progress)
+    corpus = load_text(text)
+    ids = calibration_batches(tokenizer, corpus, windows, seqlen, cfg.seed + 1, progress=progress)
     out = Path(out)
     work = out.with_name(out.name + ".partial")
     result = finetune(model, ids, cfg, teacher=teacher_model if cfg.objective == "kd" else None, work_dir=work,
                       resume=resume, progress=progress, log=log)
     record = result.to_dict()
     info["seconds"] = record.pop("seconds")
-    record.update({"text": text if isinstance(text, str) else "<in-memory>", "text_sha256": text_hash(
-        load_text(text)), "windows": windows, "seqlen": seqlen, "teacher": base if cfg.objective == "kd" else None,
-        "from": str(run)})
+    record.update({"text": text, "text_sha256": text_hash(corpus), "windows": windows, "seqlen": seqlen,
+                   "teacher": base if cfg.objective == "kd" else None, "from": str(run)})
     info["finetune"] = record
     model.qlr_info = info
     _io.save(model, out, tokenizer=tokenizer, info=info)

@@ -45,6 +45,14 @@ def quantize_q(W: Tensor, H: Tensor | HessianFactor, cfg: MethodConfig, kind: st
     raise ValueError(f"unknown Q quantizer {kind!r}; use 'rtn', 'gptq' or 'e8p'")
 
 
+def balance_factors(L: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
+    """Scale each rank-1 term of L (m × r) R (r × n) so that ‖L[:, i]‖ = ‖R[i, :]‖; the product is unchanged.
+    Balanced factors round with similar relative errors."""
+    ln, rn = L.norm(dim=0).clamp_min(1e-30), R.norm(dim=1).clamp_min(1e-30)
+    c = (rn / ln).sqrt()
+    return L * c, R / c[:, None]
+
+
 def store_factors(L: Tensor, R: Tensor, cfg: MethodConfig
                   ) -> tuple[Tensor, Tensor, QuantizedTensor | None, QuantizedTensor | None]:
     """Round L (m × r) and R (r × n) to their storage: fp16, or group-wise RTN at ``lr_bits`` after balancing the
@@ -52,10 +60,7 @@ def store_factors(L: Tensor, R: Tensor, cfg: MethodConfig
     spec = lr_spec(cfg)
     if L.shape[1] == 0 or spec is None:
         return L.half().float(), R.half().float(), None, None
-    # balance: scale each rank-1 term so that ‖L[:, i]‖ = ‖R[i, :]‖ (product unchanged)
-    ln, rn = L.norm(dim=0).clamp_min(1e-30), R.norm(dim=1).clamp_min(1e-30)
-    c = (rn / ln).sqrt()
-    L, R = L * c, R / c[:, None]
+    L, R = balance_factors(L, R)
     lq, rq = quantize_rtn(L, spec), quantize_rtn(R, spec)
     return lq.dequantize(), rq.dequantize(), lq, rq
 

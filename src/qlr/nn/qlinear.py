@@ -611,9 +611,9 @@ class QLRLinear(nn.Module):
         L, R = self.l_train.detach().float(), self.r_train.detach().float()
         rounding = self.__dict__.pop("_rounding", None)
         if rounding is None or storage == "fp16":
-            ln, rn = L.norm(dim=0).clamp_min(1e-30), R.norm(dim=1).clamp_min(1e-30)
-            c = (rn / ln).sqrt()
-            L, R = L * c, R / c[:, None]
+            from qlr.decompose.common import balance_factors
+
+            L, R = balance_factors(L, R)
             rounding = {"l": None, "r": None}
         for f, x in (("l", L), ("r", R)):
             old = self.meta[f]
