@@ -380,3 +380,19 @@ def test_finetune_then_inspect_and_eval(tmp_path, model_dir, text_file, capsys, 
     assert cfg["method"] == "caldera" and cfg["extra"]["finetune"]["config"]["steps"] == 3
     assert main(["eval", str(tuned), "--text", str(text_file), "--seqlen", "64", "--no-fp"]) == 0
     assert main(["finetune", str(run), "--text", str(text_file), "--steps", "3", "--out", str(tuned)]) == 2
+
+
+def test_finetune_blockwise_srr_preserved(tmp_path, model_dir, text_file, capsys):
+    run, tuned = tmp_path / "run", tmp_path / "tuned"
+    assert main(["compress", "--model", str(model_dir), "--method", "srr", "--bits", "2", "--rank", "8",
+                 "--calib-text", str(text_file), "--calib-samples", "4", "--seqlen", "64", "--opt", "preserve_k=3",
+                 "--out", str(run)]) == 0
+    assert main(["finetune", str(run), "--text", str(text_file), "--steps", "2", "--seqlen", "32", "--windows", "8",
+                 "--mode", "blockwise", "--amp", "bf16", "--preserve-grad-scale", "0.5", "--out", str(tuned)]) == 0
+    assert "fine-tuned 14 layers" in capsys.readouterr().out
+    cfg = json.loads((tuned / "qlr_config.json").read_text())["extra"]["finetune"]
+    assert cfg["config"]["mode"] == "blockwise" and cfg["config"]["preserve_grad_scale"] == 0.5
+    assert main(["finetune", str(run), "--text", str(text_file), "--preserve-grad-scale", "0",
+                 "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "preserve_grad_scale must be in (0, 1]" in err and "Traceback" not in err

@@ -184,7 +184,8 @@ def finetune_checkpoint(run: str | Path, out: str | Path, *, text: str = "sotu",
         tokenizer = None
     teacher_model = None
     base = teacher or info.get("model")
-    if cfg.objective == "kd" or tokenizer is None:
+    needs_teacher = cfg.objective == "kd" or cfg.mode == "blockwise"
+    if needs_teacher or tokenizer is None:
         if base is None:
             raise ValueError(f"{run} does not record its base model: pass teacher= (--teacher) with the "
                              "full-precision model it was compressed from")
@@ -194,12 +195,14 @@ def finetune_checkpoint(run: str | Path, out: str | Path, *, text: str = "sotu",
     ids = calibration_batches(tokenizer, corpus, windows, seqlen, cfg.seed + 1, progress=progress)
     out = Path(out)
     work = out.with_name(out.name + ".partial")
-    result = finetune(model, ids, cfg, teacher=teacher_model if cfg.objective == "kd" else None, work_dir=work,
-                      resume=resume, progress=progress, log=log)
+    preserved = {name: int(met["preserve_k"]) for name, met in info["layer_metrics"].items()
+                 if met.get("preserve_k")}  # SRR's preserved directions, for config.preserve_grad_scale
+    result = finetune(model, ids, cfg, teacher=teacher_model if needs_teacher else None, work_dir=work,
+                      resume=resume, preserved=preserved, progress=progress, log=log)
     record = result.to_dict()
     info["seconds"] = record.pop("seconds")
     record.update({"text": text, "text_sha256": text_hash(corpus), "windows": windows, "seqlen": seqlen,
-                   "teacher": base if cfg.objective == "kd" else None, "from": str(run)})
+                   "teacher": base if needs_teacher else None, "from": str(run)})
     info["finetune"] = record
     model.qlr_info = info
     _io.save(model, out, tokenizer=tokenizer, info=info)

@@ -291,7 +291,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     cfg = FinetuneConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, objective=a.objective,
                          storage=a.storage, seed=a.seed, warmup=max(1, a.steps // 10) if a.warmup is None
                          else a.warmup, gradient_checkpointing=a.gradient_checkpointing, save_every=a.save_every,
-                         through_rounding=a.through_rounding)
+                         through_rounding=a.through_rounding, amp=a.amp, mode=a.mode,
+                         preserve_grad_scale=a.preserve_grad_scale)
     load_text(a.text)
     model, res = finetune_checkpoint(a.run, out, text=a.text, windows=a.windows, seqlen=a.seqlen,
                                      teacher=a.teacher, config=cfg, resume=a.resume)
@@ -466,7 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--through-rounding", action="store_true",
                    help="train through the factors' storage rounding (straight-through), so that the re-quantized "
                         "factors are exactly the trained ones")
-    t.add_argument("--teacher", default=None, help="full-precision model for kd (default: the run's base model)")
+    t.add_argument("--mode", choices=("model", "blockwise"), default="model",
+                   help="model: the objective on the whole model's outputs; blockwise: each decoder block in turn "
+                        "matches the teacher block's outputs (steps per block; one teacher block at a time on the "
+                        "device)")
+    t.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="autocast the forward passes (the factors and optimizer stay float32)")
+    t.add_argument("--preserve-grad-scale", type=float, default=1.0, metavar="GAMMA",
+                   help="SRR: the preserved directions of an srr checkpoint take this fraction of their step")
+    t.add_argument("--teacher", default=None,
+                   help="full-precision model for kd and blockwise (default: the run's base model)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
     t.add_argument("--save-every", type=_count(0), default=25, help="save the training state every N steps")
     t.add_argument("--seed", type=int, default=0, help="seed of the training windows and batches")

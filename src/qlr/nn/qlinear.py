@@ -584,8 +584,9 @@ class QLRLinear(nn.Module):
     def _rounded(self, f: str, x: Tensor, scales: Tensor | None) -> Tensor:
         """``x`` rounded to factor ``f``'s stored format (float32, no gradient)."""
         codec = codec_for(name=self.meta[f]["codec"])
-        q = codec.quantize_like(x, self.meta[f], scales)
-        return q.float() if isinstance(q, Tensor) else q.dequantize().float()
+        with torch.autocast(x.device.type, enabled=False):  # rounding is exact float32 work, also under autocast
+            q = codec.quantize_like(x.detach().float(), self.meta[f], scales)
+            return q.float() if isinstance(q, Tensor) else q.dequantize().float()
 
     def _trained_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         L, R = self.l_train, self.r_train

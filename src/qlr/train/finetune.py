@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from ..nn.qlinear import QLRLinear
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "trainable_layers"]
 
 _STATE = "finetune_state.safetensors"
+_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _STATE_META = "finetune_state.json"
 
 
@@ -60,6 +61,17 @@ class FinetuneConfig:
         through_rounding: train through the factors' storage rounding (straight-through gradients; E8P scales
             fixed at their stored values), so that ``storage="requantize"`` stores exactly the model that was
             trained; costs a rounding of every factor at every step.
+        amp: run the forward passes (student and teacher) under autocast in ``"bf16"`` or ``"fp16"`` (``"none"``:
+            float32). The factors' masters, the optimizer and the loss stay float32; the storage rounding runs in
+            float32.
+        preserve_grad_scale: SRR's QPEFT rule: the preserved directions (the first ``preserved[name]`` rank-1 terms
+            of a layer's L R, see :func:`finetune`) move by this factor γ ∈ (0, 1] of their AdamW step. Adam
+            normalises a constant gradient scale away, so the step is scaled (under SGD the two are the same).
+        mode: ``"model"`` (the end-to-end objective above) or ``"blockwise"``: each decoder block in turn learns
+            to reproduce the teacher block's outputs (normalised MSE), fed the compressed model's own activations
+            through the blocks already trained; ``steps`` are then per block, and only one teacher block at a
+            time needs to be on the student's device. ``"blockwise"`` needs the teacher and ignores
+            ``objective``/``temperature``.
     """
 
     steps: int = 100
@@ -75,6 +87,9 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False
     save_every: int = 0
     through_rounding: bool = False
+    amp: str = "none"
+    preserve_grad_scale: float = 1.0
+    mode: str = "model"
 
     def __post_init__(self) -> None:
         if self.objective not in ("kd", "lm"):
@@ -87,6 +102,12 @@ class FinetuneConfig:
         for name in ("warmup", "save_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.amp not in _AMP:
+            raise ValueError(f"amp must be one of {sorted(_AMP)}, got {self.amp!r}")
+        if self.mode not in ("model", "blockwise"):
+            raise ValueError(f"mode must be 'model' or 'blockwise', got {self.mode!r}")
+        if not 0 < self.preserve_grad_scale <= 1:
+            raise ValueError(f"preserve_grad_scale must be in (0, 1], got {self.preserve_grad_scale!r}")
         if not (self.lr > 0 and self.temperature > 0 and self.weight_decay >= 0 and self.grad_clip >= 0):
             raise ValueError("lr and temperature must be > 0, weight_decay and grad_clip >= 0")
 
@@ -125,12 +146,19 @@ def _batch(ids: Tensor, step: int, cfg: FinetuneConfig) -> Tensor:
     return ids[rows]
 
 
+def autocast(device: torch.device, amp: str) -> Any:
+    """The autocast context of ``FinetuneConfig.amp`` on ``device`` (a disabled one for ``"none"``)."""
+    dtype = _AMP[amp]
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def _loss(student: nn.Module, teacher: nn.Module | None, batch: Tensor, cfg: FinetuneConfig) -> Tensor:
-    logits = student(batch).logits[:, :-1].float()
+    with autocast(batch.device, cfg.amp):
+        logits = student(batch).logits[:, :-1].float()
     if cfg.objective == "lm":
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
     assert teacher is not None
-    with torch.no_grad():
+    with torch.no_grad(), autocast(batch.device, cfg.amp):
         target = teacher(batch).logits[:, :-1].float()
     t = cfg.temperature
     log_p_s = F.log_softmax(logits / t, dim=-1).reshape(-1, logits.shape[-1])
@@ -183,9 +211,40 @@ def _load_state(work_dir: Path, layers: dict[str, QLRLinear], opt: torch.optim.O
     return step, list(meta["losses"])
 
 
+class PreservedStep:
+    """SRR's rule for the preserved directions: after each optimizer step, the first ``k`` columns of L and rows
+    of R of every listed layer keep only the fraction ``gamma`` of their step, θ ← θ₀ + γ (θ − θ₀)."""
+
+    def __init__(self, layers: Mapping[str, QLRLinear], preserved: Mapping[str, int] | None, gamma: float) -> None:
+        self.gamma = gamma
+        self.items = [] if gamma == 1 or not preserved else [
+            (mod.l_train, mod.r_train, min(int(preserved[name]), mod.rank))
+            for name, mod in layers.items() if int(preserved.get(name, 0)) > 0]
+        self._saved: list[tuple[Tensor, Tensor]] = []
+
+    def restricted(self, layers: Mapping[str, QLRLinear]) -> PreservedStep:
+        """The same rule over the given layers only."""
+        keep = {id(m.l_train) for m in layers.values()}
+        rule = PreservedStep({}, None, self.gamma)
+        rule.items = [it for it in self.items if id(it[0]) in keep]
+        return rule
+
+    @torch.no_grad()
+    def before(self) -> None:
+        self._saved = [(L[:, :k].clone(), R[:k].clone()) for L, R, k in self.items]
+
+    @torch.no_grad()
+    def after(self) -> None:
+        for (L, R, k), (l0, r0) in zip(self.items, self._saved, strict=True):
+            L[:, :k].lerp_(l0, 1 - self.gamma)  # γ L + (1 − γ) L₀
+            R[:k].lerp_(r0, 1 - self.gamma)
+        self._saved = []
+
+
 def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None, *,
              teacher: nn.Module | None = None, work_dir: str | Path | None = None, resume: bool = False,
-             progress: bool = True, log: Callable[[str], None] | None = None) -> FinetuneResult:
+             preserved: Mapping[str, int] | None = None, progress: bool = True,
+             log: Callable[[str], None] | None = None) -> FinetuneResult:
     """Fine-tune the L, R factors of ``model``'s compressed layers on the token windows ``ids`` (N, T), in place.
 
     Args:
@@ -193,9 +252,13 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
             :func:`qlr.load`); it must return ``.logits`` (B, T, vocab).
         ids: training windows (N, T) of token ids; never the text you evaluate on.
         config: :class:`FinetuneConfig` (default settings when None).
-        teacher: the full-precision model, required for ``objective="kd"`` (frozen, used under no_grad).
-        work_dir: where the training state is saved (every ``save_every`` steps and at the end); with
-            ``resume=True`` training continues from the saved step, with the same batches as an uninterrupted run.
+        teacher: the full-precision model, required for ``objective="kd"`` and ``mode="blockwise"`` (frozen, used
+            under no_grad).
+        work_dir: where the training state is saved (every ``save_every`` steps, after every block in blockwise
+            mode, and at the end); with ``resume=True`` training continues from the saved step, with the same
+            batches as an uninterrupted run.
+        preserved: {layer name: k}: the first k rank-1 terms of that layer's L R are preserved directions (SRR's
+            ``preserve_k``), whose steps ``config.preserve_grad_scale`` scales; layers not listed have none.
         progress: show a progress bar with the loss.
         log: called with one line per 10 % of the steps.
 
@@ -203,14 +266,15 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
         :class:`FinetuneResult`; the model's factors are stored back in their formats (``config.storage``).
 
     Raises:
-        ValueError: no compressed layer with rank > 0, ``kd`` without a teacher, ids not (N, T) with T >= 2, or a
-            resume state written with other settings.
+        ValueError: no compressed layer with rank > 0, ``kd`` or ``blockwise`` without a teacher, ids not (N, T)
+            with T >= 2, or a resume state written with other settings.
     """
     cfg = config or FinetuneConfig()
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ValueError(f"ids must be token windows of shape (N, T) with T >= 2, got {tuple(ids.shape)}")
-    if cfg.objective == "kd" and teacher is None:
-        raise ValueError("objective='kd' needs the full-precision teacher model (teacher=...)")
+    if (cfg.objective == "kd" or cfg.mode == "blockwise") and teacher is None:
+        raise ValueError(f"{'mode=blockwise' if cfg.mode == 'blockwise' else 'objective=kd'} needs the "
+                         "full-precision teacher model (teacher=...)")
     if resume and work_dir is None:
         raise ValueError("resume=True needs the work_dir the training state was saved in")
     layers = trainable_layers(model)
@@ -227,16 +291,44 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rule = PreservedStep(layers, preserved, cfg.preserve_grad_scale)
     wd = Path(work_dir) if work_dir is not None else None
-    start, losses = _load_state(wd, layers, opt, cfg) if (resume and wd is not None) else (0, [])
+    result = FinetuneResult(cfg, layers=len(layers), trainable_parameters=sum(p.numel() for p in params))
+    t0 = time.perf_counter()
     was_training = model.training
+    try:
+        if cfg.mode == "blockwise":
+            from .blockwise import train_blocks
+
+            assert teacher is not None
+            result.losses, result.tokens = train_blocks(model, teacher, ids, cfg, layers, rule, wd, resume,
+                                                        progress, log)
+        else:
+            _train_model(model, teacher, ids, cfg, layers, params, rule, wd, resume, progress, log, result, device)
+    finally:
+        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    if cfg.storage != "none":
+        for mod in layers.values():
+            mod.store_factors(cfg.storage)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _train_model(model: nn.Module, teacher: nn.Module | None, ids: Tensor, cfg: FinetuneConfig,
+                 layers: dict[str, QLRLinear], params: list[nn.Parameter], rule: PreservedStep, wd: Path | None,
+                 resume: bool, progress: bool, log: Callable[[str], None] | None, result: FinetuneResult,
+                 device: torch.device) -> None:
+    """The end-to-end loop (``mode="model"``): one AdamW over every factor, the loss of the whole model."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, losses = _load_state(wd, layers, opt, cfg) if (resume and wd is not None) else (0, [])
+    result.losses = losses
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # transformers checkpoints only in training mode; LMs here have no active dropout at eval
-    result = FinetuneResult(cfg, losses=losses, layers=len(layers),
-                            trainable_parameters=sum(p.numel() for p in params))
-    t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc=f"finetune ({cfg.objective})", disable=not progress, unit="step",
                initial=start, total=cfg.steps)
     try:
@@ -249,7 +341,9 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            rule.before()
             opt.step()
+            rule.after()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if log is not None and (step + 1) % max(1, cfg.steps // 10) == 0:
@@ -258,16 +352,6 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
                 _save_state(wd, step + 1, layers, opt, losses, cfg)
     finally:
         bar.close()
-        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
-            model.gradient_checkpointing_disable()
-        model.train(was_training)
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
     if wd is not None:
         _save_state(wd, cfg.steps, layers, opt, losses, cfg)
-    if cfg.storage != "none":
-        for mod in layers.values():
-            mod.store_factors(cfg.storage)
     result.tokens = (cfg.steps - start) * cfg.batch_size * ids.shape[1]
-    result.seconds = time.perf_counter() - t0
-    return result
