@@ -240,7 +240,7 @@ def grid_factor(codes: Tensor, scale: Tensor, zero: Tensor | None, levels: Tenso
         return None
     keep = [codes.contiguous(), scale.contiguous()]
     f = QFactor(kind=1, rows=codes.shape[0], cols=n, codes=keep[0].data_ptr(), words=codes.shape[1], bits=bits,
-                glen=group_len or n, scale=keep[1].data_ptr(), scale_kind=SCALE_KINDS[scale.dtype],
+                glen=min(group_len or n, n), scale=keep[1].data_ptr(), scale_kind=SCALE_KINDS[scale.dtype],
                 zero_const=zero_const)
     if zero is not None:
         keep.append(zero.contiguous())

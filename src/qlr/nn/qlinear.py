@@ -477,6 +477,13 @@ class QLRLinear(nn.Module):
         s_out, s_in = self._signs()
         return Incoherence(s_out, s_in, self.meta["rotation"]["seed"])
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The module's state without the fused kernel's cached plan (raw pointers: rebuilt on the next forward),
+        so that ``copy.deepcopy`` and pickling work after a forward."""
+        state = dict(super().__getstate__())
+        state.pop("_plan_cache", None)
+        return state
+
     def _fused_plan(self) -> tuple[Any, int, Any] | None:
         """The fused CPU kernel's description of this layer (cached until a buffer is replaced or written in
         place), or None when a buffer is off the CPU or a codec has no CPU factor kernel."""
