@@ -1,7 +1,10 @@
-"""Shared fixtures: a tiny random Llama, a byte tokenizer, a short English text and a device."""
+"""Shared fixtures: a tiny random Llama, a byte tokenizer, a short English text, a device, test layers; every test
+runs with one intra-op thread and, unless marked ``integration``, with its own empty ``$QLR_CACHE``."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ import torch
 
 from qlr.models.tiny import ByteTokenizer, tiny_llama
 from tests.layers import llm_like
+from tests.outliers import outlier_layer as _outlier_layer
 
 SAMPLE_TEXT = (
     "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my "
@@ -18,6 +22,35 @@ SAMPLE_TEXT = (
     "November in my soul, then I account it high time to get to sea as soon as I can. This is my "
     "substitute for pistol and ball. "
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread() -> Iterator[None]:
+    """Every test runs with one intra-op thread: the tests run many small tensor ops, and two OpenMP threads
+    sharing loaded cores stall on every op (the cli/pipeline tests ran ~10× slower with the default). Restored after
+    each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+_REAL_CACHE = Path(os.environ.get("QLR_CACHE") or "~/.cache/qlr").expanduser()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Points ``$QLR_CACHE`` at an empty directory of the test's own, so that no test but an ``integration`` one
+    reads or writes the user's corpora and token caches. Only the compiled-kernel cache (a build product keyed by
+    the source, flags and CPU) is shared with the real one, through a link, so that kernels build once."""
+    if request.node.get_closest_marker("integration"):
+        return
+    root = tmp_path_factory.mktemp("qlr-cache")
+    kernels = _REAL_CACHE / "kernels"
+    kernels.mkdir(parents=True, exist_ok=True)
+    (root / "kernels").symlink_to(kernels, target_is_directory=True)
+    monkeypatch.setenv("QLR_CACHE", str(root))
 
 
 @pytest.fixture
@@ -83,7 +116,15 @@ def layer() -> dict:
 
 @pytest.fixture(scope="session")
 def wide_layer() -> dict:
+    """A wider LLM-like layer (64 × 256: more input columns than GPTQ's 128-column block)."""
     return llm_like(m=64, n=256, seed=1)
+
+
+@pytest.fixture(scope="session")
+def outlier_layer() -> dict:
+    """An outlier-heavy 64 × 256 layer (three heavy weight columns, six ×40 activation channels, independent
+    channels) on which plain GPTQ loses to RTN; see ``tests/outliers.py``."""
+    return _outlier_layer()
 
 
 @pytest.fixture(params=["compiled", "torch"])

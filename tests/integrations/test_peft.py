@@ -32,7 +32,7 @@ def models() -> dict[str, torch.nn.Module]:
     return out
 
 
-def _config(**kw) -> "peft.LoraConfig":
+def _config(**kw) -> peft.LoraConfig:
     return peft.LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS, init_lora_weights=False, **kw)
 
 

@@ -11,10 +11,12 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
+
+from ..quant.grid import QuantSpec
 
 __all__ = ["Quantized", "Decomposition", "MethodConfig", "register", "methods", "get_method", "decompose",
            "validate_inputs", "validate_weight", "validate_hessian", "resolve_rank", "PSD_TOL"]
@@ -43,7 +45,15 @@ class MethodConfig:
         lr_group_size: group size used when L and R are quantized.
         damp: Hessian damping, as a fraction of mean(diag H), added before any factorisation.
         seed: seed for every random choice the method makes.
+
+    A config prices itself: :meth:`storage_bits` predicts what :meth:`Decomposition.storage_bits` will count for
+    an m × n weight at a given rank, and :meth:`budget_rank` spends a bits-per-weight budget with it. Methods
+    override :meth:`q_storage_bits`, :meth:`lr_storage_bits`, :meth:`extra_storage_bits`, :meth:`for_shape` and
+    :attr:`rank_multiple` when their storage is not the scalar grid of :meth:`quant_spec` plus fp16/RTN factors.
     """
+
+    q_format: ClassVar[str] = "int"
+    """Q's scalar format: "int" (uniform grid) or "nf" (NormalFloat, absmax scale, no zero point)."""
 
     bits: int = 2
     rank: int = 0
@@ -65,6 +75,72 @@ class MethodConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    # ---- what Q, L and R are coded with ----------------------------------------------------------------------
+    def quant_spec(self, clip_search: bool | None = None) -> QuantSpec:
+        """Q's scalar grid (``clip_search`` taken from the config when it has the option)."""
+        clip = getattr(self, "clip_search", False) if clip_search is None else clip_search
+        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, fmt=self.q_format,
+                         clip_search=clip)
+
+    def lr_quant_spec(self) -> QuantSpec | None:
+        """The grid of L and R (asymmetric, min-max with clipping search), or None for fp16 factors."""
+        if self.lr_bits >= 16:
+            return None
+        return QuantSpec(bits=self.lr_bits, group_size=self.lr_group_size, symmetric=False, clip_search=True)
+
+    # ---- storage cost: one price list for decompose, the budget planner and QLRLinear ------------------------
+    @property
+    def has_low_rank(self) -> bool:
+        """Whether the method has an L R part at all: Q-only methods (``rtn``, ``gptq``) default to rank 0."""
+        return type(self).__dataclass_fields__["rank"].default > 0
+
+    @property
+    def rank_multiple(self) -> int:
+        """Ranks this config can code must be multiples of this (8 for lattice-coded factors)."""
+        return 1
+
+    def for_shape(self, m: int, n: int) -> MethodConfig:
+        """This config as it will run on an m × n weight (e.g. "auto" quantizers made concrete)."""
+        return self
+
+    def q_storage_bits(self, m: int, n: int) -> int:
+        """Bits of Q for an m × n weight: codes plus per-group scales (and zero points where the grid has them)."""
+        return self.quant_spec().storage_bits(m, n)
+
+    def lr_storage_bits(self, m: int, n: int, rank: int) -> int:
+        """Bits of L (m × rank) and R (rank × n): fp16, or group-wise codes with scales and zero points."""
+        spec = self.lr_quant_spec()
+        if spec is None or rank == 0:
+            return 16 * rank * (m + n)
+        return spec.storage_bits(m, rank) + spec.storage_bits(rank, n)
+
+    def extra_storage_bits(self, m: int, n: int) -> int:
+        """Anything else stored per weight (e.g. rotation sign vectors); 0 here."""
+        return 0
+
+    def storage_bits(self, m: int, n: int, rank: int | None = None) -> int:
+        """Predicted all-in storage of an m × n weight at ``rank`` (default: the config's rank), equal to what
+        :meth:`Decomposition.storage_bits` counts for the result."""
+        cfg = self.for_shape(m, n)
+        r = cfg.rank if rank is None else rank
+        return cfg.q_storage_bits(m, n) + cfg.lr_storage_bits(m, n, r) + cfg.extra_storage_bits(m, n)
+
+    def budget_rank(self, m: int, n: int, budget: float) -> int:
+        """The largest rank r ≤ min(m, n) (a multiple of :attr:`rank_multiple`) whose all-in storage fits in
+        ``budget`` bits per weight for an m × n weight; 0 when none does or the method has no L R."""
+        if not self.has_low_rank:
+            return 0
+        cfg = self.for_shape(m, n)
+        step, cap = cfg.rank_multiple, budget * m * n
+        lo, hi = 0, min(m, n) // step  # in units of step; storage grows with the rank
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if cfg.storage_bits(m, n, mid * step) <= cap:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo * step
+
 
 @dataclass
 class Decomposition:
@@ -75,8 +151,10 @@ class Decomposition:
     U W Vᵀ; the properties ``Q``, ``L`` and ``R`` always return the original domain, so that
     ``reconstruct() = Q + L @ R`` approximates the original W.
 
-    ``history`` is the activation-aware error tr(E H Eᵀ)/tr(W H Wᵀ) after every iteration (iterative methods)
-    or of the final result (one-shot methods); ``diagnostics`` holds per-iteration role ratios and similar.
+    ``act_err`` is the activation-aware error tr(E H Eᵀ)/tr(W H Wᵀ), E = W − reconstruct(), of the returned
+    decomposition (on the caller's H). ``history`` is the same error after every iteration, in order (iterative
+    methods; the joint methods return the best iterate, LoftQ the last one) or one entry for one-shot methods;
+    ``diagnostics`` holds per-iteration role ratios and similar.
     """
 
     method: str
@@ -90,6 +168,7 @@ class Decomposition:
     history: list[float] = field(default_factory=list)
     diagnostics: dict[str, Any] = field(default_factory=dict)
     shape: tuple[int, int] = (0, 0)
+    act_err: float = math.nan
 
     # ---- original-domain views -------------------------------------------------------------------------------
     @property
@@ -131,10 +210,9 @@ class Decomposition:
         return self.storage_bits() / (m * n)
 
     def summary(self) -> dict[str, Any]:
+        """Method, shape, rank, all-in bits/weight, the returned ``act_err`` and the per-iteration ``history``."""
         return {"method": self.method, "shape": list(self.shape), "rank": self.rank,
-                "bits_per_weight": self.bits_per_weight,
-                "act_err": self.history[-1] if self.history else math.nan,
-                "best_act_err": min(self.history) if self.history else math.nan}
+                "bits_per_weight": self.bits_per_weight, "act_err": self.act_err, "history": list(self.history)}
 
 
 # ---- registry -------------------------------------------------------------------------------------------------
@@ -325,7 +403,8 @@ def decompose(W: Tensor, H: Tensor, method: str = "odlri", bits: int = 2, rank: 
         **options: method-specific options (see each method's config class).
 
     Returns:
-        A :class:`Decomposition`; ``dec.history`` holds the activation-aware error per iteration.
+        A :class:`Decomposition`; ``dec.act_err`` is its activation-aware error, ``dec.history`` that error per
+        iteration.
 
     Raises:
         ValueError: before any work, for an unknown method or option, an unsupported ``bits``, a rank that is not

@@ -7,36 +7,37 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..quant.gptq import HessianFactor, gptq_quantize
+from ..quant.gptq import HessianFactor, damped, gptq_quantize
 from ..quant.grid import QuantizedTensor, QuantSpec, quantize_rtn
 from ..quant.ldlq_vq import ldlq_vector
 from .base import Decomposition, MethodConfig, Quantized
 from .metrics import activation_aware_error
+from .refine import refine_lattice
 
 __all__ = ["q_spec", "lr_spec", "quantize_q", "store_factors", "package", "channel_scale"]
 
 
-def q_spec(cfg: MethodConfig, fmt: str = "int", clip_search: bool | None = None) -> QuantSpec:
-    """The grid of Q from a config (``clip_search`` taken from the config when it has one)."""
-    clip = getattr(cfg, "clip_search", False) if clip_search is None else clip_search
-    return QuantSpec(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, fmt=fmt,
-                     clip_search=clip)
+def q_spec(cfg: MethodConfig, clip_search: bool | None = None) -> QuantSpec:
+    """The grid of Q from a config: :meth:`MethodConfig.quant_spec` (validates bits/group size)."""
+    return cfg.quant_spec(clip_search)
 
 
 def lr_spec(cfg: MethodConfig) -> QuantSpec | None:
-    """The grid of L and R (asymmetric, min-max with clipping search), or None for fp16 factors."""
-    if cfg.lr_bits >= 16:
-        return None
-    return QuantSpec(bits=cfg.lr_bits, group_size=cfg.lr_group_size, symmetric=False, clip_search=True)
+    """The grid of L and R, or None for fp16 factors: :meth:`MethodConfig.lr_quant_spec`."""
+    return cfg.lr_quant_spec()
 
 
 def quantize_q(W: Tensor, H: Tensor | HessianFactor, cfg: MethodConfig, kind: str) -> Quantized:
     """The Q step: ``kind`` = "rtn" (round to nearest), "gptq" (LDLQ feedback under H, scalar grid) or "e8p"
-    (block LDLQ on QuIP#'s E8P lattice, 2 bits/weight; ``H`` must then be the n × n matrix itself)."""
+    (block LDLQ on QuIP#'s E8P lattice, 2 bits/weight, followed by ``cfg.q_tune_iters`` descent passes of
+    :func:`~qlr.decompose.refine.refine_lattice` under the same damped H; ``H`` must then be the n × n matrix
+    itself)."""
     if kind == "e8p":
         if isinstance(H, HessianFactor):
             raise TypeError("the e8p Q step needs H itself, not a GPTQ factor")
-        return ldlq_vector(W, H, stages=1, damp=cfg.damp)
+        q = ldlq_vector(W, H, stages=1, damp=cfg.damp)
+        passes = getattr(cfg, "q_tune_iters", 0)
+        return refine_lattice(W, q, damped(H, cfg.damp), passes) if passes else q
     spec = q_spec(cfg)
     if kind == "rtn":
         return quantize_rtn(W, spec)
@@ -69,11 +70,13 @@ def package(method: str, cfg: Any, W: Tensor, H: Tensor, q: Quantized | None, L:
             lq: Quantized | None = None, rq: Quantized | None = None,
             history: list[float] | None = None, diagnostics: dict | None = None,
             rotation: Any = None) -> Decomposition:
-    """Build the Decomposition; one-shot methods get a one-entry history with their final error."""
+    """Build the Decomposition of W (m × n, original domain) and set ``act_err`` to the error of what is returned
+    under H (n × n); one-shot methods get a one-entry history with that error."""
     dec = Decomposition(method=method, config=cfg, q=q, L_s=L, R_s=R, lq=lq, rq=rq, rotation=rotation,
                         history=list(history or []), diagnostics=dict(diagnostics or {}), shape=tuple(W.shape))
+    dec.act_err = activation_aware_error(W, dec.reconstruct(), H)
     if not dec.history:
-        dec.history = [activation_aware_error(W, dec.reconstruct(), H)]
+        dec.history = [dec.act_err]
     if q is not None and "q_scale" not in dec.diagnostics:
         dec.diagnostics["q_scale"] = q.mean_scale()
     return dec

@@ -1,10 +1,11 @@
 """The joint alternation shared by ``caldera`` and ``odlri`` (W ≈ Q + L R, all parts low precision).
 
-Objective: minimise f(Q, L, R) = tr((W − Q − LR) H (W − Q − LR)ᵀ) over Q on the grid and L, R at ``lr_bits``.
+Objective: minimise f(Q, L, R) = tr((W − Q − LR) H (W − Q − LR)ᵀ) over Q on the grid and L, R at ``lr_bits``,
+for W (m × n) and H (n × n).
 
-    start  L0R0 = 0 ("zero": Q first),  the activation-aware rank-r fit of W ("svd": LR first), or ODLRI's fit of
-           W on its k most activation-heavy input channels ("odlri")
-    repeat Q_t     = LDLQ(W − L_{t−1}R_{t−1})        (GPTQ/LDLQ under H, or RTN)
+    start  L0R0 = 0 ("zero": Q first),  the activation-aware rank-r fit of W ("svd": LR first, CALDERA's own
+           update order), or ODLRI's fit of W on its k most activation-heavy input channels ("odlri")
+    repeat Q_t     = LDLQ(W − L_{t−1}R_{t−1})        (GPTQ/LDLQ under H, or RTN; E8P codes then get descent passes)
            L_tR_t  = LPLR(W − Q_t)                   (exact activation-aware fit, then quantized-factor rounds)
     keep the iterate with the lowest f.
 
@@ -12,10 +13,9 @@ Neither step is an exact minimiser on a grid, so an iterate can be worse than th
 of a new target can lose to the old Q; the quantized LR step is not a minimiser). Two safeguards, both cheap:
 the LPLR rounds inside an LR step keep their best pair, and the outer loop keeps the best iterate and stops after
 ``patience`` outer iterations without a new best. A strictly monotone variant that accepts a step only when it
-lowers f was tried and rejected as the default: on the synthetic case it froze after the first iterate at
-0.0088 while the free alternation went on to 0.0057, because an uphill Q step is usually repaid by the next LR
-step. ``history`` records f/tr(WHWᵀ) of every outer iterate; ``diagnostics`` records ‖QX‖/‖WX‖, ‖LRX‖/‖WX‖,
-Q's mean group scale and the index of the best iterate.
+lowers f was tried and rejected as the default (benchmarks/README.md): an uphill Q step is usually repaid by the
+next LR step. ``history`` records f/tr(WHWᵀ) of every outer iterate; ``diagnostics`` records ‖QX‖/‖WX‖,
+‖LRX‖/‖WX‖, Q's mean group scale and the index of the best iterate.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from torch import Tensor
 from ..quant.gptq import damped, prepare_hessian
 from ..quant.hadamard import Incoherence, is_supported
 from .base import Decomposition, MethodConfig
-from .common import lr_spec, package, q_spec, quantize_q
-from .lowrank import Whitener, quantized_lowrank, weighted_sse
-from .metrics import role_ratio
+from .common import package, quantize_q
+from .lowrank import Whitener, quantized_lowrank
+from .metrics import role_ratio, weighted_energy
 
 __all__ = ["JointConfig", "joint_decompose", "odlri_init"]
 
@@ -44,15 +44,15 @@ class JointConfig(MethodConfig):
         outer_iters: Q/LR alternations (ODLRI paper's CALDERA baseline: 15).
         inner_iters: LPLR rounds inside each LR step (paper: 10).
         inner_tol: stop the LPLR rounds early once one improves the error by less than this fraction.
-        init: "zero" (L0R0 = 0, Q first), "svd" (LR first: activation-aware rank-r fit of W), "odlri".
+        init: "auto" (default: "svd" when L and R are fp16, "zero" when they are quantized; see
+            benchmarks/README.md), "zero" (L0R0 = 0, Q first), "svd" (LR first: the activation-aware rank-r fit
+            of W, the update order of CALDERA's code), "odlri".
         odlri_k: ODLRI's number of outlier input channels k (≤ rank); None (default) = max(1, rank // 16), the
-            ratio of the paper's best setting (k = 16 at r = 256). Measured here (benchmarks/README.md): on real
-            SmolLM2 layers smaller k does better, and k = 16 at ranks 8–64 is worse than rank // 16.
+            ratio of the paper's best setting (k = 16 at r = 256); benchmarks/README.md compares other k.
         odlri_domain: where ODLRI ranks the input channels by diag(H) when incoherence is on: "rotated"
             (default: the channels of the rotated W and H that the quantizers see) or "input" (the model's own
             channels, where the activation outliers live; L0R0 is then rotated). Without incoherence both are the
-            same. Measured on the lattice (benchmarks/README.md): "rotated" gave lower error on 13 of 14 real
-            SmolLM2 linears and on the synthetic case.
+            same (benchmarks/README.md compares the two).
         q_quantizer: "auto" (default: "e8p" at 2 bits where the weight's shape allows it, else "gptq"), "gptq"
             (LDLQ feedback on the scalar grid), "rtn", or "e8p" (block LDLQ on QuIP#'s E8P lattice, 2 bits/weight,
             one scale per matrix; ``bits`` must be 2). See :meth:`resolve`.
@@ -67,6 +67,9 @@ class JointConfig(MethodConfig):
         hessian_downdate: CALDERA's option (from QuIP#): quantize Q under H with the directions that the current
             L R spans removed, H − M V Vᵀ Mᵀ (H = M Mᵀ, V the top-r right singular vectors of L R M), re-regularised;
             errors there are the ones the next LR step can absorb.
+        q_tune_iters: descent passes of block coordinate descent on Q's E8P codes after each LDLQ, under the
+            same (downdated) H (QuIP#'s ``quip_tune_iters``, 10 in CALDERA's code; see ``refine.py``; passes stop
+            once one changes nothing). Only the lattice Q step has them; 0 = plain LDLQ.
     """
 
     bits: int = 2
@@ -75,7 +78,7 @@ class JointConfig(MethodConfig):
     outer_iters: int = 15
     inner_iters: int = 10
     inner_tol: float = 1e-3
-    init: str = "zero"
+    init: str = "auto"
     odlri_k: int | None = None
     odlri_domain: str = "rotated"
     q_quantizer: str = "auto"
@@ -85,6 +88,7 @@ class JointConfig(MethodConfig):
     clip_search: bool = True
     patience: int = 3
     hessian_downdate: bool = True
+    q_tune_iters: int = 3
 
     def resolve(self, m: int, n: int) -> JointConfig:
         """This config with "auto" quantizers made concrete for an m × n weight (out × in).
@@ -92,15 +96,40 @@ class JointConfig(MethodConfig):
         Q: the E8P lattice at 2 bits when the lattice can run on this shape (n a multiple of 8, both dimensions
         of a Hadamard-supported size, incoherence not switched off), else the scalar grid with the GPTQ/LDLQ step.
         L/R: two-stage E8P (4 bits) when Q is E8P, ``lr_bits`` is 4 and the rank a multiple of 8, else the scalar
-        grid. On SmolLM2 the lattice pair won at equal all-in bits/weight (benchmarks/README.md)."""
-        q, lr = self.q_quantizer, self.lr_quantizer
+        grid. ``init="auto"``: "svd" for fp16 L/R, else "zero"."""
+        q, lr, init = self.q_quantizer, self.lr_quantizer, self.init
+        if init == "auto":
+            init = "svd" if self.lr_bits >= 16 else "zero"
         if q == "auto":
             fits = n % 8 == 0 and is_supported(m) and is_supported(n) and self.incoherence is not False
             q = "e8p" if self.bits == 2 and fits else "gptq"
         if lr == "auto":
             lr = "e8p4" if q == "e8p" and self.lr_bits == 4 and self.rank % 8 == 0 and n % 8 == 0 else "uniform"
-        return self if (q, lr) == (self.q_quantizer, self.lr_quantizer) else replace(self, q_quantizer=q,
-                                                                                      lr_quantizer=lr)
+        same = (q, lr, init) == (self.q_quantizer, self.lr_quantizer, self.init)
+        return self if same else replace(self, q_quantizer=q, lr_quantizer=lr, init=init)
+
+    def for_shape(self, m: int, n: int) -> JointConfig:
+        return self.resolve(m, n)
+
+    @property
+    def rank_multiple(self) -> int:
+        return 8 if self.lr_quantizer == "e8p4" else 1
+
+    def q_storage_bits(self, m: int, n: int) -> int:
+        """E8P: 16 bits per 8 weights plus one fp16 scale; a scalar grid: codes, scales and zero points."""
+        if self.q_quantizer == "e8p":
+            return m * (n // 8) * 16 + 16
+        return super().q_storage_bits(m, n)
+
+    def lr_storage_bits(self, m: int, n: int, rank: int) -> int:
+        """Two-stage E8P (e8p4): per factor 2 × 16 bits per 8 entries plus two fp16 scales; else as the base."""
+        if self.lr_quantizer == "e8p4" and rank:
+            return 2 * (m * (rank // 8) * 16 + 16) + 2 * (rank * (n // 8) * 16 + 16)
+        return super().lr_storage_bits(m, n, rank)
+
+    def extra_storage_bits(self, m: int, n: int) -> int:
+        """The incoherence rotation's sign vectors, one bit each (m + n), when the rotation is on."""
+        return m + n if self.use_incoherence else 0
 
     @property
     def use_incoherence(self) -> bool:
@@ -111,9 +140,9 @@ class JointConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.q_quantizer != "e8p":
-            q_spec(self)
-        if self.init not in ("zero", "svd", "odlri"):
-            raise ValueError(f"init must be 'zero', 'svd' or 'odlri', got {self.init!r}")
+            self.quant_spec()
+        if self.init not in ("auto", "zero", "svd", "odlri"):
+            raise ValueError(f"init must be 'auto', 'zero', 'svd' or 'odlri', got {self.init!r}")
         if self.q_quantizer not in ("auto", "gptq", "rtn", "e8p"):
             raise ValueError(f"q_quantizer must be 'auto', 'gptq', 'rtn' or 'e8p', got {self.q_quantizer!r}")
         if self.q_quantizer == "e8p" and self.bits != 2:
@@ -124,6 +153,8 @@ class JointConfig(MethodConfig):
             raise ValueError(f"lr_quantizer='e8p4' codes 4 bits/weight; pass lr_bits=4 (got {self.lr_bits})")
         if self.lr_quantizer == "e8p4" and self.rank % 8:
             raise ValueError(f"lr_quantizer='e8p4' needs a rank that is a multiple of 8, got {self.rank}")
+        if self.q_tune_iters < 0:
+            raise ValueError(f"q_tune_iters must be >= 0, got {self.q_tune_iters}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
         if self.outer_iters < 1 or self.inner_iters < 1:
@@ -173,11 +204,6 @@ def downdated_hessian(H: Tensor, LR: Tensor, rank: int, damp: float, chol: Tenso
     return Hq + damp * float(torch.diagonal(Hd).mean()) * torch.eye(Hq.shape[0], dtype=Hq.dtype, device=Hq.device)
 
 
-def _ratios(total: float, H: Tensor, Qd: Tensor, LR: Tensor) -> tuple[float, float]:
-    """‖QX‖/‖WX‖ and ‖LRX‖/‖WX‖ given total = tr(W H Wᵀ)."""
-    return (weighted_sse(Qd, H) / total) ** 0.5, (weighted_sse(LR, H) / total) ** 0.5
-
-
 def joint_decompose(name: str, W: Tensor, H: Tensor, cfg: JointConfig) -> Decomposition:
     """Run the alternation from ``cfg.init`` and return the best iterate (see module docstring)."""
     W0 = W.float()
@@ -201,15 +227,15 @@ def joint_decompose(name: str, W: Tensor, H: Tensor, cfg: JointConfig) -> Decomp
     # GPTQ factor of H in natural order for the scalar-grid R step (lattice L/R factorise H themselves)
     needs_own = not lattice_lr and (cfg.act_order or cfg.q_quantizer == "e8p")
     hfac_lr = prepare_hessian(Hd, cfg.damp) if needs_own else (None if lattice_lr else hfac)
-    lspec = lr_spec(cfg)
-    total = weighted_sse(W, Hd)
+    lspec = cfg.lr_quant_spec()
+    total = weighted_energy(W, Hd, fast=True)
 
     def f(Qd: Tensor, LR: Tensor) -> float:
-        return weighted_sse(W - Qd - LR, Hd) / total
+        return weighted_energy(W - Qd - LR, Hd, fast=True) / total
 
     def lr_step(D: Tensor):
         return quantized_lowrank(D, wh, cfg.rank, lspec, iters=cfg.inner_iters, hfac=hfac_lr, damp=cfg.damp,
-                                 lattice=lattice_lr, tol=cfg.inner_tol)
+                                 lattice=lattice_lr, tol=cfg.inner_tol, seed=cfg.seed)
 
     diag: dict[str, Any] = {"q_ratio": [], "lr_ratio": [], "q_scale": []}
     lr = None  # current stored LR (a LowRankResult); None before the first LR step
@@ -250,9 +276,8 @@ def joint_decompose(name: str, W: Tensor, H: Tensor, cfg: JointConfig) -> Decomp
         LR = lr.L @ lr.R
         err = f(Qd, LR)
         history.append(err)
-        qr, lrr = _ratios(total, Hd, Qd, LR)
-        diag["q_ratio"].append(qr)
-        diag["lr_ratio"].append(lrr)
+        diag["q_ratio"].append(role_ratio(Qd, W, Hd, total=total, fast=True))
+        diag["lr_ratio"].append(role_ratio(LR, W, Hd, total=total, fast=True))
         diag["q_scale"].append(q.mean_scale())
         if best is None or err < best[0]:
             best, since_best = (err, q, lr), 0

@@ -3,7 +3,13 @@
 Objective: choose grid codes for W (m × n) to minimise tr((W − Ŵ) H (W − Ŵ)ᵀ), H = X Xᵀ (n × n). Columns are
 quantized in order; column j's rounding error e_j is pushed onto the not-yet-quantized columns through row j of
 the upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U): W[:, j+1:] −= e_j U[j, j+1:] / U[j, j]. This is LDLQ with the LDL
-of H (Frantar et al. 2022; Chee et al. 2023). Updates are applied lazily in blocks of ``block_size`` columns.
+of H (Frantar et al. 2022; Chee et al. 2023). Updates are applied lazily in blocks of ``block_size`` columns; the
+codes do not depend on the block size (a group that runs past a block is fitted on its up-to-date columns).
+
+Written as E = W − Ŵ = Err·U with Err_j = δ_j / U_jj (δ_j the rounding error of column j's feedback-updated
+target), the objective is tr(E H Eᵀ) = ‖Err‖² = Σ_j D_j ‖δ_j‖², D_j = 1/U_jj² the LDL pivots. The range search of a
+group's grid (``QuantSpec.clip_search``) therefore weighs each column's squared error by D_j: plain min-max groups,
+or a search on the unweighted error, lose to RTN on outlier-heavy layers (tests/quant/test_gptq.py).
 
 The Hessian is damped (H + damp·mean(diag H)·I) and factorised once; :class:`HessianFactor` can be reused across
 calls with the same H (the joint methods call GPTQ many times per layer).
@@ -11,14 +17,14 @@ calls with the same H (the joint methods call GPTQ many times per layer).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from .grid import QuantizedTensor, QuantSpec, dequantize_with, fit_params, quantize_with
 
-__all__ = ["HessianFactor", "prepare_hessian", "gptq_quantize", "damped"]
+__all__ = ["HessianFactor", "prepare_hessian", "gptq_quantize", "fit_group", "damped"]
 
 
 def damped(H: Tensor, damp: float) -> Tensor:
@@ -71,13 +77,39 @@ def prepare_hessian(H: Tensor, damp: float = 0.01, act_order: bool = False) -> H
     raise ValueError("H could not be factorised even with heavy damping; it is probably all zeros or not PSD")
 
 
+def fit_group(w: Tensor, spec: QuantSpec, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Grid parameters (scale, zero), each (m,), for one group ``w`` (m × g). Without ``spec.clip_search``: the
+    min-max fit of :func:`~qlr.quant.grid.fit_params`. With it, and a per-column ``weight`` (g,): the range shrink
+    in [0.5, 1] (21 steps, per row) minimising Σ_j weight_j (ŵ_j − w_j)², the group's share of tr(E H Eᵀ) when
+    ``weight`` holds the LDL pivots of H; without ``weight`` the plain squared error (``fit_params``)."""
+    if not spec.clip_search or weight is None:
+        return fit_params(w, spec)
+    plain = replace(spec, clip_search=False)
+    w = w.float()
+    best = scale = zero = None
+    for shrink in torch.linspace(1.0, 0.5, 21).tolist():
+        s, z = fit_params(w * shrink, plain)  # the min-max grid of the shrunk range, scale at storage precision
+        err = (dequantize_with(quantize_with(w, s, z, spec), s, z, spec) - w).pow(2) @ weight
+        if best is None:
+            best, scale, zero = err, s, z
+            continue
+        better = err < best
+        best, scale, zero = torch.where(better, err, best), torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
 def gptq_quantize(W: Tensor, H: Tensor | HessianFactor, spec: QuantSpec, *, damp: float = 0.01,
-                  act_order: bool = False, block_size: int = 128) -> QuantizedTensor:
+                  act_order: bool = False, block_size: int = 128, static_groups: bool = False,
+                  weighted_clip: bool = True) -> QuantizedTensor:
     """Quantize W (m × n) on ``spec``'s grid with GPTQ/LDLQ error feedback under H (n × n).
 
     Group parameters are fitted when the quantizer reaches a group's first column, on the columns as updated by
-    the feedback so far (so later groups see the error pushed onto them). With act-order the codes are stored in
-    the permuted column order and ``perm`` is recorded.
+    the feedback so far (so later groups see the error pushed onto them), or, with ``static_groups``, all up front
+    on W itself (the grid RTN would use; feedback then only changes codes). With ``spec.clip_search`` and
+    ``weighted_clip`` the range search minimises the group's share of the objective, Σ_j D_j (ŵ_j − w_j)² with
+    D_j = 1/U_jj² the LDL pivots (tr(E H Eᵀ) = Σ_j D_j ‖δ_j‖² for the feedback-updated targets), instead of the
+    plain squared error. With act-order the codes are stored in the permuted column order and ``perm`` is
+    recorded. ``block_size`` only batches the feedback: the codes do not depend on it.
 
     Returns:
         QuantizedTensor whose ``dequantize()`` is the quantized W in the original column order.
@@ -90,14 +122,20 @@ def gptq_quantize(W: Tensor, H: Tensor | HessianFactor, spec: QuantSpec, *, damp
         W[:, fac.dead.to(W.device)] = 0
     if fac.perm is not None:
         W = W[:, fac.perm.to(W.device)]
+    weight = torch.diagonal(U).pow(-2) if spec.clip_search and weighted_clip else None
     g = spec.group_len(n)
-    if block_size % g and g % block_size:
-        block_size = g
     codes = torch.empty(m, n, dtype=torch.uint8, device=W.device)
     ngroups = spec.groups(n)
     scales = torch.empty(m, ngroups, device=W.device)
     zeros = torch.empty(m, ngroups, device=W.device)
-    s = z = None
+
+    def fit(k: int, cols: Tensor) -> None:
+        wk = None if weight is None else weight[k * g:k * g + cols.shape[1]]
+        scales[:, k], zeros[:, k] = fit_group(cols, spec, wk)
+
+    if static_groups:
+        for k in range(ngroups):
+            fit(k, W[:, k * g:(k + 1) * g])
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1 = W[:, i1:i2].clone()
@@ -105,11 +143,14 @@ def gptq_quantize(W: Tensor, H: Tensor | HessianFactor, spec: QuantSpec, *, damp
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % g == 0:
+            if col % g == 0 and not static_groups:
                 ge = min(col + g, n)
-                blk = W1[:, i:i + (ge - col)] if ge <= i2 else torch.cat([W1[:, i:], W[:, i2:ge]], 1)
-                s, z = fit_params(blk, spec)
-                scales[:, col // g], zeros[:, col // g] = s, z
+                if ge <= i2:
+                    fit(col // g, W1[:, i:i + ge - col])
+                else:  # the group runs past this block: bring its later columns up to date first
+                    rest = W[:, i2:ge] - Err1[:, :i] @ U[i1:col, i2:ge]
+                    fit(col // g, torch.cat([W1[:, i:], rest], 1))
+            s, z = scales[:, col // g], zeros[:, col // g]
             w = W1[:, i]
             c = quantize_with(w, s, z, spec)
             codes[:, col] = c

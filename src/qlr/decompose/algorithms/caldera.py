@@ -10,6 +10,7 @@ from ..joint import JointConfig, joint_decompose
 
 @register("caldera", JointConfig)
 def caldera(W: Tensor, H: Tensor, cfg: JointConfig, mean_abs: Tensor | None = None) -> Decomposition:
-    """CALDERA: LDLQ Q step, activation-aware LPLR step with low-precision L/R, best iterate kept.
-    ``init`` defaults to "zero" (Q first), the ODLRI paper's baseline; "svd" gives the LR-first order."""
+    """CALDERA on W (m × n) under H (n × n): LDLQ Q step (E8P codes refined by ``q_tune_iters`` descent passes),
+    activation-aware LPLR step with low-precision L/R, best iterate kept. ``init="auto"`` starts LR first
+    ("svd", CALDERA's own order) with fp16 L/R and Q first ("zero", the ODLRI paper's baseline) otherwise."""
     return joint_decompose("caldera", W, H, cfg)

@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from ...quant.grid import quantize_rtn
 from ..base import Decomposition, MethodConfig, register
-from ..common import package, q_spec, store_factors
+from ..common import package, store_factors
 from ..lowrank import Whitener, lowrank_fit
 from ..metrics import activation_aware_error
 
@@ -21,12 +22,13 @@ from ..metrics import activation_aware_error
 class LoftQConfig(MethodConfig):
     """LoftQ: NF codes with an absmax scale per ``group_size`` block (symmetric), ``iters`` alternations."""
 
+    q_format: ClassVar[str] = "nf"
     rank: int = 16
     iters: int = 5
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        q_spec(self, fmt="nf")
+        self.quant_spec()
         if self.iters < 1:
             raise ValueError(f"iters must be >= 1, got {self.iters}")
 
@@ -35,7 +37,7 @@ class LoftQConfig(MethodConfig):
 def loftq(W: Tensor, H: Tensor, cfg: LoftQConfig, mean_abs: Tensor | None = None) -> Decomposition:
     """Returns the last iterate, as LoftQ does; ``history`` holds the activation-aware error of each."""
     W = W.float()
-    spec = q_spec(cfg, fmt="nf")
+    spec = cfg.quant_spec()
     ident = Whitener.diagonal(torch.ones(W.shape[1], device=W.device))
     L, R = W.new_zeros(W.shape[0], cfg.rank), W.new_zeros(cfg.rank, W.shape[1])
     history = []
