@@ -379,3 +379,30 @@ def test_cli_compress_then_export(tmp_path: Path, model_dir: Path, sample_text: 
     assert "checkpoint_format" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown export format"):
         export(ck, "onnx", tmp_path / "y")
+
+
+def test_finetuned_factors_export_as_the_adapter(tmp_path: Path, model_dir: Path, sample_text: str, capsys) -> None:
+    """QPEFT then export: the PEFT adapter on the exported GPTQ base reproduces the fine-tuned qlr model."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install 'qlr[export]')")
+    text = tmp_path / "text.txt"
+    text.write_text(sample_text * 6)
+    ck, tuned, out = tmp_path / "ck", tmp_path / "tuned", tmp_path / "exp"
+    assert main(["compress", "--model", str(model_dir), "--method", "lorc", "--bits", "4", "--rank", "8",
+                 "--group-size", "32", "--opt", "symmetric=true", "--calib-text", str(text), "--calib-samples", "2",
+                 "--seqlen", "64", "--out", str(ck)]) == 0
+    assert main(["finetune", str(ck), "--objective", "lm", "--text", str(text), "--steps", "4", "--lr", "1e-2",
+                 "--seqlen", "32", "--windows", "8", "--out", str(tuned)]) == 0
+    assert main(["export", str(tuned), "--format", "peft", "--out", str(out)]) == 0
+    capsys.readouterr()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    before, ref = io.load(ck), io.load(tuned)
+    for model in (before, ref):  # the export stores these in fp16
+        for p in model.parameters():
+            p.data = p.data.half().float()
+    with torch.no_grad():
+        want, untrained = ref(ids).logits, before(ids).logits
+        got = peft.PeftModel.from_pretrained(plain_model_from_export(out / "base", "gptq"),
+                                             str(out / "adapter")).eval()(ids).logits
+    scale = want.abs().max()
+    assert (got - want).abs().max() < 1e-4 * scale
+    assert (untrained - want).abs().max() > 100 * (got - want).abs().max()  # the trained factors are exported
