@@ -9,6 +9,8 @@
 
 H comes from the FP model on State of the Union calibration text (float64, per linear group). For each selected
 linear (q, k, v, o, gate, up, down) and setting, every method in ``qlr.methods()`` is run; Q-only methods at rank 0.
+SRR runs with both scalings, each on the footing of the QERA variant with the same scaling (rows ``srr``: diag,
+as ``qera-approx``; ``srr-full``: H^{1/2}, as ``qera-exact``; all four at the grid's group size 64).
 At 2 bits CALDERA and ODLRI also run in the paper's lattice setting (E8P Q, E8P-4 L/R when L/R are 4-bit; rows
 named ``caldera-e8p``/``odlri-e8p``). Joint methods run ``--outer-iters`` × ``--inner-iters`` iterations (default
 3 × 3 to fit a 2-core CPU; the error history of every row is kept). Writes benchmarks/results/layers.json
@@ -30,9 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qlr  # noqa: E402
 from common import RESULTS, run_meta, write_result  # noqa: E402
-from qlr.calibration.pipeline import _BlockStats, _run_block, capture_block_inputs  # noqa: E402
+from qlr.calibration.blocks import calibrate_block, capture_block_inputs, run_block  # noqa: E402
 from qlr.data import calibration_batches, load_text  # noqa: E402
-from qlr.decompose.metrics import activation_aware_error  # noqa: E402
 from qlr.models.loading import load_model  # noqa: E402
 from qlr.models.registry import block_linears, get_blocks  # noqa: E402
 
@@ -47,17 +48,12 @@ def collect_hessians(blocks_wanted: list[int], calib_samples: int, seqlen: int, 
         if b > max(blocks_wanted):
             break
         if b in blocks_wanted:
-            stats = _BlockStats(block_linears(block))
-            handles = stats.hooks() + [block.register_forward_pre_hook(lambda *_: stats.new_pass())]
-            with torch.no_grad():
-                _run_block(block, state.hidden, state.calls[b])
-            for h in handles:
-                h.remove()
+            stats = calibrate_block(block, block_linears(block), state.hidden, state.calls[b])
             for name, (H, mean_abs, _) in stats.finalize().items():
                 W = block.get_submodule(name).weight.detach().float().clone()
                 out[(b, name)] = (W, H, mean_abs)
         with torch.no_grad():
-            state.hidden = _run_block(block, state.hidden, state.calls[b])
+            state.hidden = run_block(block, state.hidden, state.calls[b])
     return out
 
 
@@ -117,14 +113,16 @@ def main() -> None:
             opts = dict(opts, q_quantizer="e8p", lr_quantizer="e8p4" if lr_bits == 4 else "uniform")
         elif method in ("caldera", "odlri"):  # the scalar grid: GPTQ/LDLQ Q step, group-wise L/R
             opts = dict(opts, q_quantizer="gptq", lr_quantizer="uniform")
+        elif method.startswith("srr"):  # srr (diag scaling) pairs with qera-approx, srr-full with qera-exact
+            method = "srr"
+            opts = dict(opts, scaling="full" if label == "srr-full" else "diag", group_size=64)  # QERA's g64
         dec = qlr.decompose(W, H, method, bits=bits, mean_abs=mean_abs, name=f"{b}.{name}", **kw, **opts)
         secs = time.perf_counter() - t
-        W_hat = dec.Q + dec.L @ dec.R if dec.rank else dec.Q
         row = {"block": b, "linear": name, "shape": list(W.shape), "method": label, "bits": bits,
                "k_sweep": sweep, "rank": dec.rank, "rank_frac": frac, "lr_bits": lr_bits if dec.rank else None,
-               "options": opts, "act_err": activation_aware_error(W, W_hat, H),  # undamped H, original domain
+               "options": opts, "act_err": dec.act_err,  # undamped H, original domain
                "bits_per_weight": dec.bits_per_weight, "seconds": secs, "history": dec.history}
-        for k in ("q_ratio", "lr_ratio", "q_scale", "final_q_scale", "preserve_k"):
+        for k in ("q_ratio", "lr_ratio", "q_scale", "final_q_scale", "preserve_k", "energy_frac"):
             if k in dec.diagnostics:
                 row[k] = dec.diagnostics[k]
         rows.append(row)
@@ -145,7 +143,7 @@ def main() -> None:
             for frac in fracs:
                 rank = max(8, round(frac * min(m, n)) // 8 * 8)
                 for lr_bits in lr_bits_list:
-                    for method in ("lorc", "lqer", "qera-exact", "qera-approx", "srr", "loftq"):
+                    for method in ("lorc", "lqer", "qera-exact", "qera-approx", "srr", "srr-full", "loftq"):
                         if wanted(method):
                             run(b, name, method, bits, rank, lr_bits, frac)
                     joint_methods = ("caldera", "odlri") + (("caldera-e8p", "odlri-e8p") if bits == 2 else ())

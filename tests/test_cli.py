@@ -273,7 +273,7 @@ def test_inspect_fails_loudly_on_inconsistent_metadata(tmp_path, model_dir, text
 
 def _resign(directory: Path) -> None:
     """Rewrite manifest.sha256 for the current qlr_config.json (what a deliberate edit of both would do)."""
-    from qlr.data import file_sha256
+    from qlr.hashing import file_sha256
 
     lines = (directory / "manifest.sha256").read_text().splitlines()
     fixed = [f"{file_sha256(directory / 'qlr_config.json')}  qlr_config.json" if line.endswith("  qlr_config.json")

@@ -15,6 +15,8 @@ from torch import nn
 
 from qlr import io
 from qlr.decompose.base import Decomposition
+from qlr.hashing import file_sha256
+from qlr.models.surgery import replace_linear
 from qlr.nn import QLRLinear
 from qlr.quant.grid import QuantizedTensor, QuantSpec, quantize_rtn
 from qlr.quant.hadamard import Incoherence
@@ -55,7 +57,7 @@ def tiny_compressed_llama(decomposition=_rtn_decomposition) -> tuple[nn.Module, 
     for i, name in enumerate(names):
         lin = model.get_submodule(name)
         dec = decomposition(lin.weight.data, i)
-        io.replace_linear(model, name, QLRLinear.from_decomposition(dec, bias=lin.bias))
+        replace_linear(model, name, QLRLinear.from_decomposition(dec, bias=lin.bias))
         act_err[name] = dec.history[-1]
     return model, act_err
 
@@ -206,22 +208,11 @@ def test_tokenizer_round_trip(saved: tuple[nn.Module, Path, torch.Tensor], tmp_p
     assert back("hello world foo")["input_ids"] == [1, 2, 0]
 
 
-def test_replace_linear() -> None:
-    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)))
-    new = nn.Identity()
-    old = io.replace_linear(model, "0.0", new)
-    assert isinstance(old, nn.Linear) and model[0][0] is new
-    with pytest.raises(AttributeError, match="no submodule"):
-        io.replace_linear(model, "0.5", new)
-
-
 # ---- integrity of qlr_config.json, deterministic bytes, consistency of the metadata -----------------------------
 
 
 def _resign(directory: Path) -> None:
     """Rewrite manifest.sha256 for the current qlr_config.json (what a deliberate edit of both would do)."""
-    from qlr.data import file_sha256
-
     lines = (directory / io.MANIFEST_NAME).read_text().splitlines()
     fixed = [f"{file_sha256(directory / io.CONFIG_NAME)}  {io.CONFIG_NAME}" if line.endswith(f"  {io.CONFIG_NAME}")
              else line for line in lines]
@@ -238,8 +229,6 @@ def _edit_config(directory: Path, edit, resign: bool = True) -> None:
 
 def test_manifest_covers_the_config(saved: tuple[nn.Module, Path, torch.Tensor], tmp_path: Path) -> None:
     d = _copy(saved[1], tmp_path)
-    from qlr.data import file_sha256
-
     manifest = dict(line.split("  ")[::-1] for line in (d / io.MANIFEST_NAME).read_text().splitlines())
     assert manifest[io.CONFIG_NAME] == file_sha256(d / io.CONFIG_NAME)
     assert set(manifest) == {io.CONFIG_NAME, *json.loads((d / io.CONFIG_NAME).read_text())["files"]}

@@ -17,10 +17,9 @@ Models::
 
 from typing import Any
 
+from ._version import __version__
 from .decompose import Decomposition, activation_aware_error, decompose, methods
 from .integrations import install_transformers_hook
-
-__version__ = "0.1.0"
 
 __all__ = ["Decomposition", "activation_aware_error", "decompose", "methods", "compress", "save", "load",
            "load_tokenizer", "perplexity", "finetune", "FinetuneConfig", "__version__"]

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from qlr.hashing import file_sha256
+
 __all__ = [
     "BUILTIN_CORPORA",
     "DEFAULT_CALIBRATION",
@@ -125,15 +127,6 @@ def cache_dir() -> Path:
 def text_hash(text: str) -> str:
     """Hex sha256 of the UTF-8 text, for recording which data a checkpoint was calibrated on."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _npm_pack(corpus: BuiltinCorpus, dest: Path) -> None:

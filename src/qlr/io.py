@@ -40,10 +40,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-import qlr
+from qlr._version import __version__
+from qlr.hashing import file_sha256
+from qlr.models.surgery import replace_linear
 from qlr.nn.qlinear import QLRLinear
+from qlr.reconcile import layer_inconsistencies
 
-__all__ = ["save", "load", "load_tokenizer", "inspect", "verify", "replace_linear", "FORMAT_VERSION",
+__all__ = ["save", "load", "load_tokenizer", "inspect", "verify", "FORMAT_VERSION",
            "CONFIG_NAME", "WEIGHTS_NAME", "MANIFEST_NAME", "RUN_LOG_NAME"]
 
 FORMAT_VERSION = 2  # 2: manifest.sha256, run_log.json, sorted JSON keys, full_precision_layers
@@ -59,19 +62,7 @@ _INFO_KEYS = ("method", "bits", "rank", "budget", "layers", "options", "calibrat
 _TIMING_KEYS = ("seconds",)  # kept out of the hashed files, in run_log.json
 
 
-# ---- module surgery --------------------------------------------------------------------------------------------
-def replace_linear(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """Put ``module`` at the dotted path ``name`` (e.g. ``"model.layers.0.self_attn.q_proj"``); returns the old
-    submodule. Raises AttributeError naming the path when it does not exist."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if not hasattr(parent, attr) or not isinstance(getattr(parent, attr), nn.Module):
-        raise AttributeError(f"{type(model).__name__} has no submodule {name!r}")
-    old = getattr(parent, attr)
-    setattr(parent, attr, module)
-    return old
-
-
+# ---- module paths ----------------------------------------------------------------------------------------------
 def _unfused_paths(model: nn.Module) -> list[str]:
     """Paths of fused expert modules that qlr split into per-expert linears (``load`` splits them again)."""
     from .models.moe import UnfusedExperts
@@ -85,12 +76,6 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 # ---- small file helpers ----------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    from .data import file_sha256
-
-    return file_sha256(path)
-
-
 def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -122,7 +107,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise ValueError(f"{str(path)!r} is not a qlr checkpoint config (no format_version/files); {_RERUN}")
     if cfg["format_version"] > FORMAT_VERSION:
         raise ValueError(f"{str(path)!r} has format version {cfg['format_version']}, newer than this qlr "
-                         f"({qlr.__version__}) reads ({FORMAT_VERSION}); upgrade qlr")
+                         f"({__version__}) reads ({FORMAT_VERSION}); upgrade qlr")
     return cfg
 
 
@@ -155,7 +140,7 @@ def verify(directory: str | Path, *, hashes: bool = True) -> dict[str, Any]:
     if cfg["format_version"] >= 2:
         manifest = _read_manifest(directory)
         cpath = directory / CONFIG_NAME
-        if manifest.get(CONFIG_NAME) != _sha256(cpath):
+        if manifest.get(CONFIG_NAME) != file_sha256(cpath):
             raise ValueError(f"{str(cpath)!r} fails its manifest check: its sha256 is not the one recorded in "
                              f"{MANIFEST_NAME} (edited or corrupted after it was saved); {_RERUN}")
         listed = {name: rec.get("sha256") for name, rec in cfg["files"].items()}
@@ -170,7 +155,7 @@ def verify(directory: str | Path, *, hashes: bool = True) -> dict[str, Any]:
         if size != rec["bytes"]:
             raise ValueError(f"{str(path)!r} has {size} bytes but the checkpoint recorded {rec['bytes']} "
                              f"(truncated or replaced); {_RERUN}")
-        if hashes and _sha256(path) != rec["sha256"]:
+        if hashes and file_sha256(path) != rec["sha256"]:
             raise ValueError(f"{str(path)!r} fails its sha256 check (corrupted or modified); {_RERUN}")
     return cfg
 
@@ -275,7 +260,7 @@ def save(model: nn.Module, directory: str | Path, *, tokenizer: Any = None,
     hf_config = getattr(model, "config", None)
     cfg = {
         "format_version": FORMAT_VERSION,
-        "qlr_version": qlr.__version__,
+        "qlr_version": __version__,
         "method": info.get("method"),
         "bits": info.get("bits"),
         "rank": info.get("rank"),
@@ -294,10 +279,10 @@ def save(model: nn.Module, directory: str | Path, *, tokenizer: Any = None,
         "layers": layers,
         "full_precision_layers": {name: {k: v for k, v in rec.items() if k not in _TIMING_KEYS}
                                   for name, rec in (info.get("full_precision_layers") or {}).items()},
-        "files": {n: {"bytes": (staging / n).stat().st_size, "sha256": _sha256(staging / n)} for n in written},
+        "files": {n: {"bytes": (staging / n).stat().st_size, "sha256": file_sha256(staging / n)} for n in written},
     }
     (staging / CONFIG_NAME).write_text(json.dumps(_jsonable(cfg), indent=2, sort_keys=True) + "\n")
-    sums = {**{n: rec["sha256"] for n, rec in cfg["files"].items()}, CONFIG_NAME: _sha256(staging / CONFIG_NAME)}
+    sums = {**{n: rec["sha256"] for n, rec in cfg["files"].items()}, CONFIG_NAME: file_sha256(staging / CONFIG_NAME)}
     (staging / MANIFEST_NAME).write_text("".join(f"{sums[n]}  {n}\n" for n in sorted(sums)))
     if timings or layer_timings:
         (staging / RUN_LOG_NAME).write_text(json.dumps(_jsonable({**timings, "layers": layer_timings}), indent=2,
@@ -499,97 +484,6 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def _q_bits(meta: dict[str, Any] | None) -> int | None:
-    """Code width of a factor per its codec metadata: a grid's ``bits``, 2 per E8P stage; None for dense."""
-    if not meta:
-        return None
-    if meta.get("codec") == "grid":
-        return meta.get("bits")
-    if meta.get("codec") == "e8p":
-        return 2 * meta.get("stages", 0)
-    return None
-
-
-def _perm_overhead(mod: QLRLinear) -> int:
-    """Bits by which the file exceeds :meth:`QLRLinear.storage_bits`: each act-order permutation index is stored
-    as int16/int32 but counted at ⌈log2 n⌉ bits; everything else (packed words, sign words) is counted as stored."""
-    extra = 0
-    for f in ("q", "l", "r"):
-        perm = getattr(mod, f"{f}_perm", None)
-        if perm is not None:
-            n = perm.numel()
-            extra += n * (perm.element_size() * 8 - max(1, math.ceil(math.log2(n))))
-    return extra
-
-
-def _registered_methods() -> list[str]:
-    from .decompose.base import methods
-
-    return methods()
-
-
-def _plan_rank(cfg: dict[str, Any], m: int, n: int) -> tuple[str | None, int | None]:
-    """(why the recorded plan cannot be rebuilt or None, the rank it gives an m × n layer: 0 for Q-only methods)."""
-    from .calibration.pipeline import CompressionPlan
-
-    budget = cfg.get("budget", (cfg.get("extra") or {}).get("budget"))
-    plan = CompressionPlan(method=cfg["method"], bits=cfg.get("bits"), rank=cfg.get("rank"), budget=budget,
-                           options=dict(cfg.get("options") or {}))
-    try:
-        plan.check()
-        rank = plan.rank_for(m, n)
-    except (ValueError, TypeError) as e:
-        return " ".join(str(e).split()), None
-    return None, (0 if rank is None else rank)
-
-
-def _reconcile(cfg: dict[str, Any], layer: dict[str, Any], mod: QLRLinear, bits_meta: int, bits_meas: int
-               ) -> list[str]:
-    """What is inconsistent between a layer's metadata, its recorded metrics, its stored bytes and the run's
-    top-level method/bits/rank (see :func:`inspect`)."""
-    name, meta, met = layer["name"], layer["meta"], layer.get("metrics") or {}
-    m, n, r = mod.out_features, mod.in_features, mod.rank
-    out = []
-    if meta.get("storage_bits") is not None and meta["storage_bits"] != bits_meta:
-        out.append(f"layer {name}: its metadata computes {bits_meta} storage bits but records "
-                   f"{meta['storage_bits']}")
-    explained = _perm_overhead(mod)
-    if bits_meas - bits_meta != explained:
-        out.append(f"layer {name}: measured {bits_meas / (m * n):.4f} bits/weight from the file, computed "
-                   f"{bits_meta / (m * n):.4f} from the metadata; the permutation storage explains "
-                   f"{explained} bits of the difference, not {bits_meas - bits_meta}")
-    if "rank" in met and met["rank"] != r:
-        out.append(f"layer {name}: metadata rank {r}, recorded metrics rank {met['rank']}")
-    if "shape" in met and list(met["shape"]) != [m, n]:
-        out.append(f"layer {name}: metadata shape {m} × {n}, recorded metrics shape {met['shape']}")
-    if isinstance(met.get("bits_per_weight"), (int, float)) and "act_err" in met:
-        # the decomposition's exact count, without the tail padding of packed words: ≤ 31 bits per row of packed
-        # grid codes, per packed zero-point buffer and per sign-vector buffer
-        counted = round(met["bits_per_weight"] * m * n)
-        padding = 62 if meta.get("rotation") else 0
-        for f in ("q", "l", "r"):
-            fm = meta.get(f) or {}
-            if fm.get("codec") == "grid":
-                padding += 31 * fm["shape"][0] + (31 if fm.get("zero") == "packed" else 0)
-        if not 0 <= bits_meta - counted <= padding:
-            out.append(f"layer {name}: computed {bits_meta / (m * n):.4f} bits/weight from the metadata, but the "
-                       f"run recorded {met['bits_per_weight']:.4f}")
-    if cfg.get("bits") is not None:
-        qb = _q_bits(meta.get("q"))
-        if qb is not None and qb != cfg["bits"]:
-            out.append(f"layer {name}: Q has {qb}-bit codes, the run says bits={cfg['bits']}")
-    if cfg.get("method") in _registered_methods():  # a label of the caller's own (io.save's info) is not checked
-        why, want = _plan_rank(cfg, m, n)
-        if why is not None:
-            out.append(f"the recorded plan (method {cfg['method']!r}, bits {cfg.get('bits')}, rank "
-                       f"{cfg.get('rank')}, options {cfg.get('options')}) is not a valid qlr plan: {why}")
-        elif want != r:
-            out.append(f"layer {name}: rank {r}, but method {cfg['method']} with rank={cfg.get('rank')}, "
-                       f"budget={cfg.get('budget', (cfg.get('extra') or {}).get('budget'))} gives {want} for "
-                       f"{m} × {n}")
-    return out
-
-
 def inspect(directory: str | Path, *, check_hashes: bool = True) -> dict[str, Any]:
     """Describe a checkpoint without loading the model, after checking that it is consistent.
 
@@ -624,7 +518,7 @@ def inspect(directory: str | Path, *, check_hashes: bool = True) -> dict[str, An
         bits_meta = mod.storage_bits()
         keys = [f"{name}.{b}" for b in mod._buffers if b != "bias"]
         bits_meas = sum((header[k]["data_offsets"][1] - header[k]["data_offsets"][0]) * 8 for k in keys)
-        problems += _reconcile(cfg, layer, mod, bits_meta, bits_meas)
+        problems += layer_inconsistencies(cfg, layer, mod, bits_meta, bits_meas)
         tot_meta, tot_meas, tot_w = tot_meta + bits_meta, tot_meas + bits_meas, tot_w + m * n
         rows.append({"name": name, "shape": [m, n], "rank": mod.rank, "desc": mod.extra_repr(),
                      "bits_per_weight_meta": bits_meta / (m * n), "bits_per_weight_measured": bits_meas / (m * n),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import logging as hf_logging
 
-from qlr.calibration.pipeline import _BlockStats, _run_block, capture_block_inputs
+from qlr.calibration.blocks import calibrate_block, capture_block_inputs, run_block
 from qlr.models.moe import UnfusedExperts, find_fused_experts, unfuse_experts
 from qlr.models.registry import block_linears, get_blocks
 from tests.models.archs import MOE, tiny_causal_lm, token_ids
@@ -54,12 +54,7 @@ def _expert_stats(model, ids):
     unfuse_experts(model)
     state = capture_block_inputs(model, ids, batch_size=2)
     block = get_blocks(model)[0]
-    stats = _BlockStats(block_linears(block))
-    handles = stats.hooks() + [block.register_forward_pre_hook(lambda *_: stats.new_pass())]
-    with torch.no_grad():
-        _run_block(block, state.hidden, state.calls[0])
-    for h in handles:
-        h.remove()
+    stats = calibrate_block(block, block_linears(block), state.hidden, state.calls[0])
     return state, block, stats
 
 
@@ -71,7 +66,7 @@ def test_each_expert_h_comes_from_its_routed_tokens():
     x_moe, routed = [], []
     hook = block.mlp.register_forward_pre_hook(lambda _m, a: x_moe.append(a[0].reshape(-1, a[0].shape[-1])))
     with torch.no_grad():
-        _run_block(block, state.hidden, state.calls[0])
+        run_block(block, state.hidden, state.calls[0])
         hook.remove()
         for x in x_moe:
             routed.append(block.mlp.gate(x)[2])  # (tokens, top-k) expert ids

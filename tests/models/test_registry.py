@@ -105,5 +105,23 @@ def test_select_layers() -> None:
     assert select_layers(names, r"mlp") == names[1:]
     assert select_layers(names, r"layers\.0\.") == names[:2]
     assert select_layers(names, r"k_proj") == []
-    with pytest.raises(ValueError, match="invalid layer regex"):
+    with pytest.raises(ValueError, match="is not a valid regular expression"):
         select_layers(names, "(")
+
+
+@pytest.mark.parametrize("pattern", ["mlp(", "[q-a]_proj", "*"])
+def test_invalid_layer_pattern_is_one_cli_error_line(pattern, tmp_path, capsys) -> None:
+    """An invalid --layers regex: exit code 2 and one line saying which pattern and why, no traceback; the same
+    message as select_layers gives (the one place that compiles the pattern)."""
+    from qlr.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text("Some calibration text. " * 50)
+    rc = main(["compress", "--layers", pattern, "--calib-text", str(text), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    with pytest.raises(ValueError) as direct:
+        select_layers([], pattern)
+    assert err == f"qlr compress: error: {' '.join(str(direct.value).split())}\n"
+    assert f"the layer pattern {pattern!r} is not a valid regular expression: " in err

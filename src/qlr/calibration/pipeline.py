@@ -9,6 +9,11 @@
         decompose each selected linear (or reload it from the resume directory) and swap in a QLRLinear
         run the *compressed* block on the inputs → the next block's inputs (errors propagate, as in GPTQ)
 
+The pieces: the block calibration (inputs, hooks, statistics) is :mod:`qlr.calibration.blocks`; one layer is
+:func:`compress_linear`; finished layers go to and come back from a :class:`ResumeStore`; :func:`compress_blocks`
+strings them together. Every random draw of a method has its own generator seeded from ``seed``: the caller's
+global torch RNG is left alone.
+
 Peak memory: the model, one block's inputs/outputs for the calibration batch, and one block's H matrices.
 Finished layers are written to ``work_dir`` as they complete, next to the run's fingerprint; a rerun with
 ``resume=True`` checks that it is the same run (model weights and config, plan, calibration token ids, seed, batch
@@ -19,7 +24,6 @@ reloads them instead of recomputing, and yields the same model as an uninterrupt
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,20 +35,17 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..decompose.base import decompose, get_method, make_config, resolve_rank, validate_weight
-from ..io import replace_linear
 from ..models.moe import unfuse_experts
-from ..models.registry import find_blocks, get_blocks, iter_linears, linear_weight
+from ..models.registry import find_blocks, iter_linears, linear_weight, select_layers
+from ..models.surgery import replace_linear
 from ..nn.qlinear import QLRLinear
 from ..quant.grid import QuantSpec
-from .hessian import HessianAccumulator
+from .blocks import BlockInputs, Calls, calibrate_block, capture_block_inputs, model_device, run_block
 from .workdir import load_layer, open_work_dir, run_fingerprint, save_layer
 
-__all__ = ["BlockInputs", "CompressionPlan", "capture_block_inputs", "compress_blocks", "resolve_rank",
-           "budget_rank", "select_linears", "check_model", "run_fingerprint"]
-
-
-class _Stop(Exception):
-    pass
+__all__ = ["BlockInputs", "CompressionPlan", "capture_block_inputs", "compress_blocks", "compress_linear",
+           "LayerFailed", "ResumeStore", "resolve_rank", "budget_rank", "select_linears", "check_model",
+           "run_fingerprint"]
 
 
 def budget_rank(budget: float, q_bpw: float, m: int, n: int, lr_bits: int, lr_group: int) -> int:
@@ -94,12 +95,7 @@ class CompressionPlan:
                                             and self.budget > 0):
             raise ValueError(f"budget must be a positive number of bits per weight, got {self.budget!r}")
         make_config(self.method, bits=self.bits, **self.options)
-        if self.layers:
-            try:
-                re.compile(self.layers)
-            except re.error as err:
-                raise ValueError(f"the layer pattern {self.layers!r} is not a valid regular expression: {err}"
-                                 ) from None
+        select_layers((), self.layers)  # a pattern that is not a valid regular expression
 
     def _layer_config(self, m: int, n: int) -> Any:
         cfg = make_config(self.method, bits=self.bits, **self.options)
@@ -175,10 +171,10 @@ def select_linears(model: nn.Module, plan: CompressionPlan) -> dict[str, nn.Modu
     """The decoder linears (``nn.Linear`` or ``Conv1D``) ``plan`` compresses, by model-relative name, block by
     block (see :func:`~qlr.models.registry.iter_linears`; routers are never selected). Raises ValueError when the
     pattern selects none, or when the decoder blocks cannot be found."""
-    pattern = re.compile(plan.layers) if plan.layers else None
-    out = {name: mod for name, mod in iter_linears(model) if pattern is None or pattern.search(name)}
+    linears = dict(iter_linears(model))
+    out = {name: linears[name] for name in select_layers(linears, plan.layers)}
     if not out:
-        first = next(iter_linears(model), ("model.layers.0.self_attn.q_proj", None))[0]
+        first = next(iter(linears), "model.layers.0.self_attn.q_proj")
         raise ValueError(f"the layer pattern {plan.layers!r} selects no decoder linear; names look like "
                          f"{first!r}")
     return out
@@ -207,162 +203,44 @@ def check_model(model: nn.Module, plan: CompressionPlan) -> dict[str, nn.Module]
     return linears
 
 
-@dataclass
-class BlockInputs:
-    """What the decoder blocks are called with, for every calibration mini-batch.
-
-    Attributes:
-        hidden: the hidden states entering the current block, one (B, T, d) tensor per mini-batch (starts as
-            block 0's inputs; the pipeline replaces it with each block's outputs).
-        calls: ``calls[b][i]`` = (the other positional arguments, the keyword arguments) the model passed to block
-            ``b`` for mini-batch ``i``: masks, position ids and embeddings, sliding-window flags, ALiBi, ... (caches
-            removed). Recorded per block because models such as Gemma 2/3 give sliding-window and global layers
-            different masks and rotary tables.
-    """
-
-    hidden: list[Tensor]
-    calls: list[list[tuple[tuple[Any, ...], dict[str, Any]]]]
+# ---- one layer -------------------------------------------------------------------------------------------------
+class LayerFailed(Exception):
+    """A layer that cannot be compressed (unusable calibration statistics, a failed factorisation); the message
+    says why, without the layer name."""
 
 
-def _no_cache(value: Any) -> Any:
-    return None if "Cache" in type(value).__name__ and type(value).__module__.startswith("transformers") else value
+_DIAGNOSTICS = ("q_ratio", "lr_ratio", "q_scale", "final_q_scale", "best_iter", "preserve_k", "init_lr_ratio")
 
 
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, input_ids: Tensor, batch_size: int = 8) -> BlockInputs:
-    """Block 0's input hidden states and every block's call arguments for ``input_ids`` (B, T), in mini-batches.
-
-    The model runs with each block's forward replaced by a recorder that returns its input unchanged (in the
-    output structure the real block has), so capturing costs the embedding and the per-layer mask/rotary set-up,
-    not a forward pass; the last block stops the run before the final norm and head."""
-    blocks = get_blocks(model)
-    n_batches = math.ceil(input_ids.shape[0] / batch_size)
-    result = BlockInputs(hidden=[], calls=[[] for _ in blocks])
-    template: list[Any] = []  # what follows the hidden states in a block's tuple output (learned from block 0)
-
-    previous = [block.__dict__.get("forward") for block in blocks]  # e.g. accelerate's offloading wrappers
-
-    def recorder(b: int, block: nn.Module) -> Callable[..., Any]:
-        original = previous[b] or type(block).forward.__get__(block)
-
-        def record(*args: Any, **kwargs: Any) -> Any:
-            hs = args[0] if args else kwargs.pop("hidden_states")
-            rest = tuple(_no_cache(a) for a in args[1:])
-            kw = {k: _no_cache(v) for k, v in kwargs.items()}
-            if "use_cache" in kw:
-                kw["use_cache"] = False
-            result.calls[b].append((rest, kw))
-            if b == 0:
-                result.hidden.append(hs.detach())
-                if not template:
-                    out = original(hs, *rest, **kw)
-                    template.append(out[1:] if isinstance(out, tuple) else None)
-            if b == len(blocks) - 1:
-                raise _Stop
-            return hs if template[0] is None else (hs, *template[0])
-
-        return record
-
-    for b, block in enumerate(blocks):
-        block.forward = recorder(b, block)
+def compress_linear(lin: nn.Module, H: Tensor, mean_abs: Tensor, plan: CompressionPlan, seed: int = 0
+                    ) -> tuple[QLRLinear, dict[str, Any]]:
+    """Decompose one linear (weight m × n, ``nn.Linear`` or ``Conv1D``) with its calibration statistics ``H``
+    (n × n) and ``mean_abs`` (n,) as ``plan`` says (method, bits, options, the rank for its shape); returns the
+    :class:`QLRLinear` (with the linear's bias, on the weight's device) and its metrics {act_err, bits_per_weight,
+    rank, shape, seconds, history, method diagnostics}. Raises :class:`LayerFailed` when
+    :func:`~qlr.decompose.decompose` rejects the statistics or a factorisation fails."""
+    W = linear_weight(lin).float()
+    m, n = W.shape
+    t0 = time.perf_counter()
+    rank = plan.rank_for(m, n)
+    opts = dict(plan.options)
+    if rank is not None:
+        opts["rank"] = rank
     try:
-        for i in range(n_batches):
-            try:
-                model(input_ids[i * batch_size:(i + 1) * batch_size].to(_device(model)), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for block, forward in zip(blocks, previous, strict=True):
-            if forward is None:
-                del block.forward
-            else:
-                block.forward = forward
-    if any(len(c) != n_batches for c in result.calls):
-        raise ValueError(f"{type(model).__name__} did not call each decoder block once per forward pass; qlr's "
-                         "block-by-block calibration cannot handle it")
-    return result
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _run_block(block: nn.Module, hidden: list[Tensor], calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
-               ) -> list[Tensor]:
-    outs = []
-    for hs, (args, kw) in zip(hidden, calls, strict=True):
-        out = block(hs, *args, **kw)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
-
-
-class _BlockStats:
-    """H and mean |x| of the selected linears of one block, from hooks during the block's forward passes.
-
-    Linears that read the same tensor in the same pass (q/k/v, gate/up, an expert's gate/up) share one
-    accumulator, so each distinct input's Gram matrix is formed once; a linear called on no token (an expert no
-    calibration token was routed to) ends with an empty accumulator (see :meth:`finalize`)."""
-
-    def __init__(self, linears: Mapping[str, nn.Module]) -> None:
-        self.owner: dict[str, str] = {}
-        self.acc: dict[str, HessianAccumulator] = {}
-        self.first_pass: dict[str, int] = {}
-        self.failed: dict[str, str] = {}  # set by finalize
-        self.linears = dict(linears)
-        self._pass = 0
-        self._seen: dict[tuple[Any, ...], tuple[str, Tensor]] = {}
-
-    def new_pass(self) -> None:
-        self._pass += 1
-        self._seen = {}  # drops the references that kept this pass's inputs (and their addresses) alive
-
-    def add(self, name: str, x: Tensor) -> None:
-        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
-        other = self._seen.get(key)
-        if name not in self.owner:
-            self.first_pass[name] = self._pass
-            if other is not None and self.first_pass[other[0]] == self._pass:
-                self.owner[name] = self.owner[other[0]]  # read the same input since their first call: share
-                return
-            self.owner[name] = name
-            lin = self.linears[name]
-            self.acc[name] = HessianAccumulator(x.shape[-1], device=lin.weight.device)
-        if other is not None and self.owner[other[0]] == self.owner[name]:
-            return  # already added by the linear sharing this accumulator
-        self._seen.setdefault(key, (name, x))
-        self.acc[self.owner[name]].add(x.detach())
-
-    def hooks(self) -> list[Any]:
-        return [lin.register_forward_pre_hook(lambda _m, args, n=name: self.add(n, args[0]))
-                for name, lin in self.linears.items()]
-
-    def finalize(self) -> dict[str, tuple[Tensor, Tensor, str | None]]:
-        """{name: (H, mean_abs, fallback note or None)}. A linear that saw no token takes the pooled statistics of
-        its siblings (the linears of the same block whose names differ only in numeric parts, e.g. the other
-        experts' ``gate_proj``); with no sibling that saw tokens it is left out, and ``self.failed`` maps its name
-        to why."""
-        done = {owner: acc.finalize() for owner, acc in self.acc.items() if acc.count}
-        out: dict[str, tuple[Tensor, Tensor, str | None]] = {}
-        failed: dict[str, str] = {}
-        for name in self.linears:
-            owner = self.owner.get(name)
-            if owner in done:
-                out[name] = (*done[owner], None)
-                continue
-            pattern = re.sub(r"\.\d+\.", ".#.", f".{name}.")
-            sib = {self.owner[o] for o in self.owner if o != name and self.owner[o] in done
-                   and re.sub(r"\.\d+\.", ".#.", f".{o}.") == pattern}
-            if not sib:
-                failed[name] = ("no calibration token reached this layer, and no sibling layer to borrow statistics "
-                                "from; use more calibration samples")
-                continue
-            count = sum(self.acc[o].count for o in sib)
-            H = sum(self.acc[o].sum_xx for o in sib) / count
-            mean_abs = (sum(self.acc[o].sum_abs for o in sib) / count).float()
-            out[name] = ((H + H.T) / 2, mean_abs, f"no calibration token was routed here: H pooled from "
-                                                  f"{len(sib)} sibling layer(s), {count} tokens")
-        self.failed = failed
-        return out
+        dec = decompose(W, H.to(W.device), plan.method, plan.bits, mean_abs=mean_abs.to(W.device), seed=seed, **opts)
+    except ValueError as err:  # bad calibration statistics of this layer
+        raise LayerFailed(str(err)) from err
+    except torch.linalg.LinAlgError as err:
+        raise LayerFailed(f"a factorisation failed in {plan.method} ({err}); the calibration statistics of this "
+                          "layer are degenerate: try more calibration samples or more damping (e.g. damp=0.05)"
+                          ) from err
+    secs = time.perf_counter() - t0
+    bias = lin.bias.detach() if lin.bias is not None else None
+    module = QLRLinear.from_decomposition(dec, bias).to(lin.weight.device)
+    diag = {k: v for k, v in dec.diagnostics.items() if k in _DIAGNOSTICS}
+    metrics = {"act_err": min(dec.history), "bits_per_weight": dec.bits_per_weight, "rank": dec.rank,
+               "shape": [m, n], "seconds": secs, "history": dec.history, **diag}
+    return module, metrics
 
 
 def _full_precision(lin: nn.Module, reason: str) -> dict[str, Any]:
@@ -370,6 +248,99 @@ def _full_precision(lin: nn.Module, reason: str) -> dict[str, Any]:
     weight = linear_weight(lin)
     return {"full_precision": reason, "shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."),
             "bits_per_weight": float(weight.element_size() * 8)}
+
+
+# ---- the resume store ------------------------------------------------------------------------------------------
+@dataclass
+class ResumeStore:
+    """Where a run's finished layers are written (``work_dir``; nowhere when None) and, when resuming, reloaded
+    from; ``run`` is the digest of the run's fingerprint (see :mod:`qlr.calibration.workdir`)."""
+
+    work_dir: Path | None = None
+    run: str = ""
+    resume: bool = False
+
+    @classmethod
+    def open(cls, work_dir: Path | None, resume: bool, fingerprint: Callable[[], Mapping[str, Any]]
+             ) -> ResumeStore:
+        """Prepare ``work_dir`` for the run whose fingerprint ``fingerprint()`` computes (called only when there
+        is a work directory); ``resume`` refuses a directory of another run (:func:`open_work_dir`)."""
+        if work_dir is None:
+            return cls()
+        return cls(work_dir, open_work_dir(work_dir, fingerprint(), resume), resume)
+
+    def load(self, name: str, device: torch.device) -> tuple[nn.Module, dict[str, Any]] | None:
+        """The finished layer ``name`` and its metrics when resuming and it is there (checked), else None."""
+        if not self.resume or self.work_dir is None:
+            return None
+        return load_layer(self.work_dir, name, self.run, device)
+
+    def save(self, name: str, module: nn.Module, metrics: Mapping[str, Any]) -> None:
+        if self.work_dir is not None:
+            save_layer(self.work_dir, name, module, metrics, self.run)
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------------------
+def _compress_block(model: nn.Module, block: nn.Module, prefix: str, todo: list[str], hidden: list[Tensor],
+                    calls: Calls, plan: CompressionPlan, store: ResumeStore, *, seed: int, on_error: str,
+                    log: Callable[[str], None] | None, progress: bool) -> dict[str, dict[str, Any]]:
+    """Compress the linears ``todo`` (block-relative names) of ``block`` (model path ``prefix``, e.g.
+    ``"model.layers.3."``), calibrated on its inputs ``hidden``/``calls``, or reload them from ``store``, and swap
+    them into ``model``; returns their metrics in ``todo`` order. A layer that fails raises ValueError naming it
+    (``on_error="fail"``) or stays in full precision (``"keep"``)."""
+    reloaded = {}
+    for n in todo:
+        got = store.load(prefix + n, model_device(model))
+        if got is not None:
+            reloaded[n] = got
+    need = {n: block.get_submodule(n) for n in todo if n not in reloaded}
+    finals: dict[str, tuple[Tensor, Tensor, str | None]] = {}
+    no_stats: dict[str, str] = {}
+    if need:
+        stats = calibrate_block(block, need, hidden, calls)
+        finals, no_stats = stats.finalize(), stats.failed
+    metrics: dict[str, dict[str, Any]] = {}
+    with tqdm(todo, desc=f"block {prefix.split('.')[-2]}", leave=False, disable=not progress, unit="layer") as bar:
+        for n in bar:
+            name, lin = prefix + n, block.get_submodule(n)
+            try:
+                module, met = reloaded[n] if n in reloaded else _new_layer(
+                    name, lin, finals.get(n), no_stats.get(n), plan, store, seed, log)
+            except LayerFailed as err:
+                metrics[name] = _kept(name, lin, err, on_error, log)
+                continue
+            replace_linear(model, name, module)
+            metrics[name] = met
+            bar.set_postfix(err=f"{met['act_err']:.4f}")
+    return metrics
+
+
+def _new_layer(name: str, lin: nn.Module, stats: tuple[Tensor, Tensor, str | None] | None, no_stats: str | None,
+               plan: CompressionPlan, store: ResumeStore, seed: int, log: Callable[[str], None] | None
+               ) -> tuple[QLRLinear, dict[str, Any]]:
+    """Compress one linear from its block statistics (H, mean |x|, fallback note), or raise :class:`LayerFailed`
+    (``no_stats``: why it has none); the result is written to ``store`` and logged."""
+    if stats is None:
+        raise LayerFailed(no_stats)
+    H, mean_abs, fallback = stats
+    module, met = compress_linear(lin, H, mean_abs, plan, seed)
+    if fallback is not None:
+        met["h_fallback"] = fallback
+    store.save(name, module, met)
+    if log is not None:
+        log(f"{name}: act_err {met['act_err']:.4f}, {met['bits_per_weight']:.3f} bpw, rank {met['rank']}, "
+            f"{met['seconds']:.1f}s")
+    return module, met
+
+
+def _kept(name: str, lin: nn.Module, err: LayerFailed, on_error: str, log: Callable[[str], None] | None
+          ) -> dict[str, Any]:
+    """A failed layer: a ValueError naming it (``on_error="fail"``), or its full-precision record (``"keep"``)."""
+    if on_error == "fail":
+        raise ValueError(f"{name}: {err}") from err.__cause__
+    if log is not None:
+        log(f"{name}: kept in full precision: {err}")
+    return _full_precision(lin, str(err))
 
 
 def compress_blocks(model: nn.Module, input_ids: Tensor, plan: CompressionPlan, *, batch_size: int = 8,
@@ -391,111 +362,29 @@ def compress_blocks(model: nn.Module, input_ids: Tensor, plan: CompressionPlan, 
     ``seed`` and ``batch_size``) and every finished layer are written there; ``resume=True`` refuses a work
     directory whose fingerprint differs (naming every difference) and reloads the finished layers after checking
     their checksums (see :mod:`qlr.calibration.workdir`). Layers kept in full precision are not written: a resumed
-    run decomposes them again."""
+    run decomposes them again.
+
+    ``seed`` goes to every layer's :func:`~qlr.decompose.decompose`, whose random draws use their own generators:
+    the caller's global torch RNG is neither read nor changed."""
     if on_error not in ("fail", "keep"):
         raise ValueError(f"on_error must be 'fail' or 'keep', got {on_error!r}")
     wd = Path(work_dir) if work_dir is not None else None
     if resume and wd is None:
         raise ValueError("resume=True needs a work directory holding the finished layers")
     selected = check_model(model, plan)  # before any calibration work; errors name the layer
-    run = ""
-    if wd is not None:
-        if fingerprint is None:
-            fingerprint = run_fingerprint(model, input_ids, plan, seed=seed, batch_size=batch_size)
-        run = open_work_dir(wd, fingerprint, resume)
+    store = ResumeStore.open(wd, resume, lambda: fingerprint if fingerprint is not None else run_fingerprint(
+        model, input_ids, plan, seed=seed, batch_size=batch_size))
     path, blocks = find_blocks(model)
     state = capture_block_inputs(model, input_ids, batch_size)
     metrics: dict[str, dict[str, Any]] = {}
-    bar = tqdm(total=len(blocks), desc="blocks", disable=not progress, unit="block")
-    layer_bar = None
-
-    def failed(name: str, lin: nn.Module, why: str, err: BaseException | None) -> None:
-        if on_error == "keep":
-            metrics[name] = _full_precision(lin, why)
-            if log is not None:
-                log(f"{name}: kept in full precision: {why}")
-            return
-        if layer_bar is not None:
-            layer_bar.close()  # before the caller prints the error
-        bar.close()
-        raise ValueError(f"{name}: {why}") from err
-
-    for b, block in enumerate(blocks):
-        prefix = f"{path}.{b}."
-        todo = [n[len(prefix):] for n in selected if n.startswith(prefix)]
-        if todo:
-            reloaded = {}
-            if resume:
-                for n in todo:
-                    got = load_layer(wd, prefix + n, run, _device(model))  # type: ignore[arg-type]
-                    if got is not None:
-                        reloaded[n] = got
-            need = {n: block.get_submodule(n) for n in todo if n not in reloaded}
-            finals: dict[str, tuple[Tensor, Tensor, str | None]] = {}
-            no_stats: dict[str, str] = {}
-            if need:
-                stats = _BlockStats(need)
-                handles = stats.hooks()
-                handles.append(block.register_forward_pre_hook(lambda *_: stats.new_pass()))
-                try:
-                    with torch.no_grad():
-                        _run_block(block, state.hidden, state.calls[b])
-                finally:
-                    for h in handles:
-                        h.remove()
-                finals = stats.finalize()
-                no_stats = stats.failed
-            layer_bar = tqdm(todo, desc=f"block {b}", leave=False, disable=not progress, unit="layer")
-            for n in layer_bar:
-                name = prefix + n
-                lin = block.get_submodule(n)
-                if n in reloaded:
-                    module, met = reloaded[n]
-                elif n in no_stats:
-                    failed(name, lin, no_stats[n], None)
-                    continue
-                else:
-                    H, mean_abs, fallback = finals[n]
-                    W = linear_weight(lin).float()
-                    m_, n_ = W.shape
-                    torch.manual_seed(seed)
-                    t0 = time.perf_counter()
-                    rank = plan.rank_for(m_, n_)
-                    opts = dict(plan.options)
-                    if rank is not None:
-                        opts["rank"] = rank
-                    try:
-                        dec = decompose(W, H.to(W.device), plan.method, plan.bits, mean_abs=mean_abs.to(W.device),
-                                        seed=seed, **opts)
-                    except ValueError as err:  # bad calibration statistics of this layer: say which layer
-                        failed(name, lin, str(err), err)
-                        continue
-                    except torch.linalg.LinAlgError as err:
-                        failed(name, lin, f"a factorisation failed in {plan.method} ({err}); the calibration "
-                                          "statistics of this layer are degenerate: try more calibration samples or "
-                                          "more damping (e.g. damp=0.05)", err)
-                        continue
-                    secs = time.perf_counter() - t0
-                    bias = lin.bias.detach() if lin.bias is not None else None
-                    module = QLRLinear.from_decomposition(dec, bias).to(lin.weight.device)
-                    diag = {k: v for k, v in dec.diagnostics.items() if k in ("q_ratio", "lr_ratio", "q_scale",
-                                                                                 "final_q_scale", "best_iter",
-                                                                                 "preserve_k", "init_lr_ratio")}
-                    met = {"act_err": min(dec.history), "bits_per_weight": dec.bits_per_weight,
-                           "rank": dec.rank, "shape": [m_, n_], "seconds": secs, "history": dec.history, **diag}
-                    if fallback is not None:
-                        met["h_fallback"] = fallback
-                    if wd is not None:
-                        save_layer(wd, name, module, met, run)
-                    if log is not None:
-                        log(f"{name}: act_err {met['act_err']:.4f}, {met['bits_per_weight']:.3f} bpw, "
-                            f"rank {met['rank']}, {secs:.1f}s")
-                replace_linear(model, name, module)
-                metrics[name] = met
-                layer_bar.set_postfix(err=f"{met['act_err']:.4f}")
-            layer_bar = None
-        with torch.no_grad():
-            state.hidden = _run_block(block, state.hidden, state.calls[b])
-        bar.update(1)
-    bar.close()
+    with tqdm(total=len(blocks), desc="blocks", disable=not progress, unit="block") as bar:
+        for b, block in enumerate(blocks):
+            prefix = f"{path}.{b}."
+            todo = [n[len(prefix):] for n in selected if n.startswith(prefix)]
+            if todo:
+                metrics.update(_compress_block(model, block, prefix, todo, state.hidden, state.calls[b], plan, store,
+                                               seed=seed, on_error=on_error, log=log, progress=progress))
+            with torch.no_grad():
+                state.hidden = run_block(block, state.hidden, state.calls[b])
+            bar.update(1)
     return metrics

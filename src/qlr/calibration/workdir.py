@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._version import __version__
+
 __all__ = ["run_fingerprint", "fingerprint_digest", "open_work_dir", "save_layer", "load_layer", "layer_file",
            "FINGERPRINT_NAME"]
 
@@ -84,9 +86,7 @@ def run_fingerprint(model: nn.Module, input_ids: Tensor, plan: Any, *, seed: int
 
 
 def _qlr_version() -> str:
-    import qlr
-
-    return qlr.__version__
+    return __version__
 
 
 def fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:

@@ -51,7 +51,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from qlr.nn.qlinear import GridCodec, QLRLinear, codec_for
+from qlr.nn.codecs import GridCodec, codec_for
+from qlr.nn.qlinear import QLRLinear
 from qlr.quant.packing import pack, unpack
 
 __all__ = ["export", "gptq_layer", "lora_factors", "GPTQLayer", "CHECKPOINT_FORMATS", "GPTQ_BITS"]

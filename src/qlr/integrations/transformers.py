@@ -38,7 +38,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 import qlr
-from qlr.io import replace_linear
+from qlr.models.surgery import replace_linear
 from qlr.nn.qlinear import QLRLinear
 
 __all__ = ["QLRConfig", "QLRHfQuantizer", "register", "QUANT_METHOD", "FORMAT_VERSION"]

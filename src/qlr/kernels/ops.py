@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -57,32 +58,41 @@ def _scratch(numel: int) -> Tensor:
     return buf[:numel]
 
 
-def _tiled(x: Tensor, m: int, n: int, decode) -> Tensor:  # noqa: ANN001 - decode(r0, r1, out) fills out
-    rows = max(1, min(m, max(TILE_MIN_ROWS, TILE_ELEMS // max(n, 1))))
+def _decoded_tiles(m: int, n: int, decode) -> Iterator[tuple[int, int, Tensor]]:  # noqa: ANN001
+    """Yield (r0, r1, F[r0:r1]) for F (m × n), a tile of rows at a time, each decoded by ``decode(r0, r1, out)``
+    into one reused thread-local scratch buffer (valid until the next tile is yielded)."""
+    rows = _tile_rows(m, n)
     buf = _scratch(rows * n)
-    if rows == m:  # one tile holds F: no output slices to copy
-        tile = buf.view(m, n)
-        decode(0, m, tile)
-        return x @ (tile if x.dtype == torch.float32 else tile.to(x.dtype)).T
-    y = torch.empty(x.shape[0], m, dtype=x.dtype)
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
         tile = buf[: (r1 - r0) * n].view(r1 - r0, n)
         decode(r0, r1, tile)
-        y[:, r0:r1] = x @ (tile if x.dtype == torch.float32 else tile.to(x.dtype)).T
+        yield r0, r1, tile
+
+
+def _tile_rows(m: int, n: int) -> int:
+    return max(1, min(m, max(TILE_MIN_ROWS, TILE_ELEMS // max(n, 1))))
+
+
+def _tiled(x: Tensor, m: int, n: int, decode) -> Tensor:  # noqa: ANN001 - decode(r0, r1, out) fills out
+    """x (B, n) @ Fᵀ → (B, m), decoding F a tile of rows at a time."""
+    def xdtype(tile: Tensor) -> Tensor:
+        return tile if x.dtype == torch.float32 else tile.to(x.dtype)
+
+    if _tile_rows(m, n) == m:  # one tile holds F: no output slices to copy
+        ((_, _, tile),) = _decoded_tiles(m, n, decode)
+        return x @ xdtype(tile).T
+    y = torch.empty(x.shape[0], m, dtype=x.dtype)
+    for r0, r1, tile in _decoded_tiles(m, n, decode):
+        y[:, r0:r1] = x @ xdtype(tile).T
     return y
 
 
 def _tiled_t(g: Tensor, m: int, n: int, decode) -> Tensor:  # noqa: ANN001 - decode(r0, r1, out) fills out
     """g (B, m) @ F (m × n) → (B, n), decoding F a tile of rows at a time (the gradient of x @ Fᵀ)."""
-    rows = max(1, min(m, max(TILE_MIN_ROWS, TILE_ELEMS // max(n, 1))))
-    buf = _scratch(rows * n)
     gf = g if g.dtype == torch.float32 else g.float()
     out = torch.zeros(g.shape[0], n, dtype=torch.float32)
-    for r0 in range(0, m, rows):
-        r1 = min(m, r0 + rows)
-        tile = buf[: (r1 - r0) * n].view(r1 - r0, n)
-        decode(r0, r1, tile)
+    for r0, r1, tile in _decoded_tiles(m, n, decode):
         out.addmm_(gf[:, r0:r1], tile)
     return out if g.dtype == torch.float32 else out.to(g.dtype)
 

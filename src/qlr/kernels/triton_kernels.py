@@ -196,15 +196,49 @@ if triton is not None:
             out += tl.load(scale_ptr + s).to(tl.float32) * v
         return tl.where(msk, out, 0.0)
 
+    # ---- the pieces every kernel shares: its output tile, the x tile of a step, the two products, the store ----
+    @triton.jit
+    def _out_tile(b0, m, B, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr):
+        """This program's ``BLOCK_M`` output columns (rows of F) and its ``BLOCK_B`` batch rows from ``b0``, with
+        their in-range masks: (rows, bs, rm, bm)."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        bs = b0 + tl.arange(0, BLOCK_B)
+        return rows, bs, rows < m, bs < B
+
+    @triton.jit
+    def _x_tile(xrow, cols, bm, km):
+        """x[bs, cols] in x's dtype (0 where masked); ``xrow`` points at the first column of each batch row."""
+        return tl.load(xrow + cols[None, :], mask=bm[:, None] & km[None, :], other=0.0)
+
+    @triton.jit
+    def _gemv_step(acc, xt, w):
+        """acc + xt · wᵀ for a decoded F tile ``w`` (BLOCK_M, BLOCK_K): float32 broadcast multiply and sum."""
+        return acc + _sum_last(xt.to(tl.float32)[:, None, :] * w[None, :, :])
+
+    @triton.jit
+    def _gemm_step(acc, xt, wt, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """acc + xt · wt for a decoded Fᵀ tile ``wt`` (BLOCK_K, BLOCK_M), rounded to x's dtype as the reference
+        does, on tensor cores with a float32 accumulator."""
+        wt = wt.to(xt.dtype)
+        if UPCAST:  # the interpreter multiplies bfloat16 bit patterns as integers: use the float32 values
+            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _store_y(y_ptr, acc, bs, rows, bm, rm, stride_yb):
+        """y[bs, rows] = acc in y's dtype, where in range."""
+        yp = y_ptr + bs.to(tl.int64)[:, None] * stride_yb + rows[None, :]
+        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=bm[:, None] & rm[None, :])
+
+    # ---- the kernels: fused decode + GEMV (one program per BLOCK_M rows, the whole batch) and decoded-tile GEMM
     @triton.jit
     def _grid_gemv_kernel(x_ptr, y_ptr, codes_ptr, scale_ptr, zero_ptr, levels_ptr, B, m, n, words, groups, zwords,
                           glen, zero_const, stride_xb, stride_yb, BITS: tl.constexpr, SCALE_EXP: tl.constexpr,
                           ZERO_KIND: tl.constexpr, HAS_LEVELS: tl.constexpr, UNIFORM: tl.constexpr,
                           BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        bs = tl.arange(0, BLOCK_B)
-        rm = rows < m
-        bm = bs < B
+        rows, bs, rm, bm = _out_tile(0, m, B, BLOCK_B, BLOCK_M)
         xrow = x_ptr + bs.to(tl.int64)[:, None] * stride_xb
         acc = tl.full((BLOCK_B, BLOCK_M), 0.0, tl.float32)
         for k0 in range(0, n, BLOCK_K):
@@ -213,10 +247,8 @@ if triton is not None:
             w = _grid_tile(codes_ptr, scale_ptr, zero_ptr, levels_ptr, rows[:, None], cols[None, :], rm[:, None],
                            km[None, :], k0, words, groups, zwords, glen, zero_const, BITS, SCALE_EXP, ZERO_KIND,
                            HAS_LEVELS, UNIFORM)
-            xt = tl.load(xrow + cols[None, :], mask=bm[:, None] & km[None, :], other=0.0).to(tl.float32)
-            acc += _sum_last(xt[:, None, :] * w[None, :, :])
-        yp = y_ptr + bs.to(tl.int64)[:, None] * stride_yb + rows[None, :]
-        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=bm[:, None] & rm[None, :])
+            acc = _gemv_step(acc, _x_tile(xrow, cols, bm, km), w)
+        _store_y(y_ptr, acc, bs, rows, bm, rm, stride_yb)
 
     @triton.jit
     def _grid_gemm_kernel(x_ptr, y_ptr, codes_ptr, scale_ptr, zero_ptr, levels_ptr, B, m, n, words, groups, zwords,
@@ -224,34 +256,22 @@ if triton is not None:
                           ZERO_KIND: tl.constexpr, HAS_LEVELS: tl.constexpr, UNIFORM: tl.constexpr,
                           PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        bs = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-        rm = rows < m
-        bm = bs < B
+        rows, bs, rm, bm = _out_tile(tl.program_id(1) * BLOCK_B, m, B, BLOCK_B, BLOCK_M)
         xrow = x_ptr + bs.to(tl.int64)[:, None] * stride_xb
         acc = tl.full((BLOCK_B, BLOCK_M), 0.0, tl.float32)
         for k0 in range(0, n, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             km = cols < n
-            xt = tl.load(xrow + cols[None, :], mask=bm[:, None] & km[None, :], other=0.0)
             wt = _grid_tile(codes_ptr, scale_ptr, zero_ptr, levels_ptr, rows[None, :], cols[:, None], rm[None, :],
                             km[:, None], k0, words, groups, zwords, glen, zero_const, BITS, SCALE_EXP, ZERO_KIND,
                             HAS_LEVELS, UNIFORM)  # (BLOCK_K, BLOCK_M) = Fᵀ tile
-            wt = wt.to(x_ptr.dtype.element_ty)
-            if UPCAST:  # the interpreter multiplies bfloat16 bit patterns as integers: use the float32 values
-                acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-        yp = y_ptr + bs.to(tl.int64)[:, None] * stride_yb + rows[None, :]
-        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=bm[:, None] & rm[None, :])
+            acc = _gemm_step(acc, _x_tile(xrow, cols, bm, km), wt, PRECISION, UPCAST)
+        _store_y(y_ptr, acc, bs, rows, bm, rm, stride_yb)
 
     @triton.jit
     def _e8p_gemv_kernel(x_ptr, y_ptr, codes_ptr, scale_ptr, table_ptr, B, m, n, nb, stride_xb, stride_yb,
                          STAGES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        bs = tl.arange(0, BLOCK_B)
-        rm = rows < m
-        bm = bs < B
+        rows, bs, rm, bm = _out_tile(0, m, B, BLOCK_B, BLOCK_M)
         xrow = x_ptr + bs.to(tl.int64)[:, None] * stride_xb
         acc = tl.full((BLOCK_B, BLOCK_M), 0.0, tl.float32)
         for k0 in range(0, n, BLOCK_K):
@@ -259,34 +279,23 @@ if triton is not None:
             km = cols < n
             w = _e8p_tile(codes_ptr, scale_ptr, table_ptr, rows[:, None], cols[None, :], rm[:, None] & km[None, :],
                           m, nb, STAGES)
-            xt = tl.load(xrow + cols[None, :], mask=bm[:, None] & km[None, :], other=0.0).to(tl.float32)
-            acc += _sum_last(xt[:, None, :] * w[None, :, :])
-        yp = y_ptr + bs.to(tl.int64)[:, None] * stride_yb + rows[None, :]
-        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=bm[:, None] & rm[None, :])
+            acc = _gemv_step(acc, _x_tile(xrow, cols, bm, km), w)
+        _store_y(y_ptr, acc, bs, rows, bm, rm, stride_yb)
 
     @triton.jit
     def _e8p_gemm_kernel(x_ptr, y_ptr, codes_ptr, scale_ptr, table_ptr, B, m, n, nb, stride_xb, stride_yb,
                          STAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        bs = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-        rm = rows < m
-        bm = bs < B
+        rows, bs, rm, bm = _out_tile(tl.program_id(1) * BLOCK_B, m, B, BLOCK_B, BLOCK_M)
         xrow = x_ptr + bs.to(tl.int64)[:, None] * stride_xb
         acc = tl.full((BLOCK_B, BLOCK_M), 0.0, tl.float32)
         for k0 in range(0, n, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             km = cols < n
-            xt = tl.load(xrow + cols[None, :], mask=bm[:, None] & km[None, :], other=0.0)
             wt = _e8p_tile(codes_ptr, scale_ptr, table_ptr, rows[None, :], cols[:, None], rm[None, :] & km[:, None],
                            m, nb, STAGES)  # (BLOCK_K, BLOCK_M) = Fᵀ tile
-            wt = wt.to(x_ptr.dtype.element_ty)
-            if UPCAST:  # the interpreter multiplies bfloat16 bit patterns as integers: use the float32 values
-                acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-        yp = y_ptr + bs.to(tl.int64)[:, None] * stride_yb + rows[None, :]
-        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=bm[:, None] & rm[None, :])
+            acc = _gemm_step(acc, _x_tile(xrow, cols, bm, km), wt, PRECISION, UPCAST)
+        _store_y(y_ptr, acc, bs, rows, bm, rm, stride_yb)
 
 
 # ---- host side -----------------------------------------------------------------------------------------------

@@ -163,5 +163,5 @@ def select_layers(names: Iterable[str], regex: str | None) -> list[str]:
     try:
         pattern = re.compile(regex)
     except re.error as err:
-        raise ValueError(f"invalid layer regex {regex!r}: {err}") from err
+        raise ValueError(f"the layer pattern {regex!r} is not a valid regular expression: {err}") from None
     return [name for name in names if pattern.search(name)]
