@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import qlr
-from qlr.calibration.pipeline import CompressionPlan, budget_rank, compress_blocks, resolve_rank
+from qlr.calibration.pipeline import CompressionPlan, compress_blocks, resolve_rank
 from qlr.nn import QLRLinear
 
 FAST = dict(outer_iters=2, inner_iters=2)
@@ -135,10 +135,14 @@ def test_rank_resolution_and_budget():
     def lr_cost(r: int) -> int:
         return 4 * r * 1152 + 576 * 20 + r * 9 * 20
 
-    r = budget_rank(2.5, 2.14, 576, 576, 4, 64)
+    opts = dict(q_quantizer="gptq", lr_quantizer="uniform", lr_bits=4, incoherence=False)
+    plan = CompressionPlan(method="caldera", bits=2, options=opts)
+    q_bits = plan.q_bits_per_weight(576, 576) * 576 * 576
+    budget = (q_bits + 0.36 * 576 * 576) / (576 * 576)
+    r = CompressionPlan(method="caldera", bits=2, budget=budget, options=opts).rank_for(576, 576)
     assert r == 22
-    assert lr_cost(r) <= (2.5 - 2.14) * 576 * 576 < lr_cost(r + 1)
-    assert budget_rank(2.0, 2.14, 576, 576, 4, 64) == 0
+    assert q_bits + lr_cost(r) <= budget * 576 * 576 < q_bits + lr_cost(r + 1)
+    assert CompressionPlan(method="caldera", bits=2, budget=budget - 0.37, options=opts).rank_for(576, 576) == 0
 
 
 @pytest.mark.parametrize("grid", ["scalar", "lattice"])

@@ -15,6 +15,7 @@ from torch import nn
 from qlr import io
 from qlr.decompose.base import Decomposition
 from qlr.export import gguf as gx
+from qlr.models.surgery import replace_linear
 from qlr.nn import QLRLinear
 from qlr.quant.grid import QuantizedTensor, QuantSpec, quantize_rtn
 from qlr.quant.hadamard import Incoherence
@@ -70,7 +71,7 @@ def _checkpoint(directory: Path, decomposition: Callable[[torch.Tensor, int], De
     names = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and n.startswith("model.layers")]
     for i, name in enumerate(names):
         lin = model.get_submodule(name)
-        io.replace_linear(model, name, QLRLinear.from_decomposition(decomposition(lin.weight.data, i)))
+        replace_linear(model, name, QLRLinear.from_decomposition(decomposition(lin.weight.data, i)))
     io.save(model, directory, tokenizer=_byte_tokenizer(), info={"method": "rtn", "bits": 4, "rank": RANK})
     return model
 

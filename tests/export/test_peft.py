@@ -19,6 +19,7 @@ from qlr.cli import main
 from qlr.decompose.base import Decomposition
 from qlr.export import export
 from qlr.export.peft import gptq_layer
+from qlr.models.surgery import replace_linear
 from qlr.nn import QLRLinear
 from qlr.quant.e8p import quantize_e8p
 from qlr.quant.grid import QuantizedTensor, QuantSpec, quantize_rtn
@@ -132,7 +133,7 @@ def _tiny_run(directory: Path, decomposition=_decomposition, skip: tuple[str, ..
             continue
         lin = model.get_submodule(name)
         dec = decomposition(lin.weight.data, i)
-        io.replace_linear(model, name, QLRLinear.from_decomposition(dec, bias=lin.bias))
+        replace_linear(model, name, QLRLinear.from_decomposition(dec, bias=lin.bias))
         qs[name] = dec
     io.save(model, directory, tokenizer=_tokenizer(), info={"method": "rtn", "bits": 2, "rank": 8})
     return qs

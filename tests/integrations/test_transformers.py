@@ -18,6 +18,7 @@ from torch import nn
 
 import qlr
 from qlr import io
+from qlr.models.surgery import replace_linear
 from qlr.nn import QLRLinear
 from tests.test_io import _rtn_decomposition, tiny_compressed_llama
 
@@ -108,7 +109,7 @@ def test_conv1d_layers(tmp_path: Path) -> None:
     model = transformers.GPT2LMHeadModel(cfg).eval()
     for i, name in enumerate(["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"]):
         conv = model.get_submodule(name)
-        io.replace_linear(model, name, QLRLinear.from_decomposition(_rtn_decomposition(conv.weight.data.T, i),
+        replace_linear(model, name, QLRLinear.from_decomposition(_rtn_decomposition(conv.weight.data.T, i),
                                                                     bias=conv.bias))
     io.save(model, tmp_path / "gpt2")
     loaded = _load(tmp_path / "gpt2")

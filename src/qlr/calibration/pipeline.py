@@ -39,32 +39,12 @@ from ..models.moe import unfuse_experts
 from ..models.registry import find_blocks, iter_linears, linear_weight, select_layers
 from ..models.surgery import replace_linear
 from ..nn.qlinear import QLRLinear
-from ..quant.grid import QuantSpec
 from .blocks import BlockInputs, Calls, calibrate_block, capture_block_inputs, model_device, run_block
 from .workdir import load_layer, open_work_dir, run_fingerprint, save_layer
 
 __all__ = ["BlockInputs", "CompressionPlan", "capture_block_inputs", "compress_blocks", "compress_linear",
-           "LayerFailed", "ResumeStore", "resolve_rank", "budget_rank", "select_linears", "check_model",
+           "LayerFailed", "ResumeStore", "resolve_rank", "select_linears", "check_model",
            "run_fingerprint"]
-
-
-def budget_rank(budget: float, q_bpw: float, m: int, n: int, lr_bits: int, lr_group: int) -> int:
-    """The largest rank r whose L (m × r) and R (r × n) at ``lr_bits`` (group-wise asymmetric, counted by
-    ``QuantSpec.storage_bits``; fp16 when ``lr_bits`` = 16) fit in ``budget − q_bpw`` bits per weight; 0 if none."""
-    spec = None if lr_bits >= 16 else QuantSpec(bits=lr_bits, group_size=lr_group)
-
-    def lr_bits_total(r: int) -> int:
-        if spec is None:
-            return 16 * r * (m + n)
-        return spec.storage_bits(m, r) + spec.storage_bits(r, n)
-
-    spare = (budget - q_bpw) * m * n
-    best = 0
-    for r in range(1, min(m, n) + 1):
-        if lr_bits_total(r) > spare:
-            break
-        best = r
-    return best
 
 
 @dataclass
@@ -104,31 +84,20 @@ class CompressionPlan:
         return cfg
 
     def q_bits_per_weight(self, m: int, n: int) -> float:
-        """What Q alone costs for an m × n weight under this plan, in bits per weight: its codes plus per-group
-        scales/zeros (scalar grids) or 16 bits per 8 weights plus one fp16 scale (E8P), plus the incoherence
-        sign vectors (m + n bits) when the rotation is on. The cost model :meth:`rank_for` spends a budget with;
-        the smallest feasible ``budget`` for the layer."""
-        from ..decompose.common import q_spec
-
-        cfg = self._layer_config(m, n)
-        lattice_q = getattr(cfg, "q_quantizer", "") == "e8p"
-        signs = (m + n) if getattr(cfg, "use_incoherence", False) else 0
-        # E8P: 16 bits per 8 weights plus one fp16 scale; scalar grids: codes + per-group scale/zero
-        q_bits = 2 * m * n + 16 if lattice_q else q_spec(cfg).bits_per_weight(n) * m * n
-        return (q_bits + signs) / (m * n)
+        """What Q alone costs for an m × n weight under this plan, in bits per weight (codes, scales/zeros or
+        lattice scales, and the incoherence sign vectors when the rotation is on), as the method's config prices
+        it (:meth:`~qlr.decompose.base.MethodConfig.storage_bits` at rank 0): the smallest feasible ``budget``."""
+        return self._layer_config(m, n).storage_bits(m, n, rank=0) / (m * n)
 
     def rank_for(self, m: int, n: int) -> int | None:
-        if self.method in ("rtn", "gptq"):
-            return None  # Q-only methods
+        """The rank of an m × n layer: None for a Q-only method (or no rank given), the largest rank whose all-in
+        storage fits ``budget`` (the config's own pricing, :meth:`~qlr.decompose.base.MethodConfig.budget_rank`),
+        or ``rank`` resolved for the shape."""
+        cfg = self._layer_config(m, n)
+        if not cfg.has_low_rank:
+            return None
         if self.budget is not None:
-            cfg = self._layer_config(m, n)
-            q_bpw = self.q_bits_per_weight(m, n)
-            lr_bits = getattr(cfg, "lr_bits", 16)
-            if getattr(cfg, "lr_quantizer", "") == "e8p4":
-                # 4 bits per entry + 2 fp16 scales per factor; the rank must be a multiple of 8
-                spare = (self.budget - q_bpw) * m * n - 4 * 16
-                return max(0, min(min(m, n), int(spare // (4 * (m + n)))) // 8 * 8)
-            return budget_rank(self.budget, q_bpw, m, n, lr_bits, getattr(cfg, "lr_group_size", 64))
+            return cfg.budget_rank(m, n, self.budget)
         if self.rank is None:
             return None
         return resolve_rank(self.rank, m, n)  # an integer rank above min(m, n) is an error, not clamped
@@ -238,7 +207,7 @@ def compress_linear(lin: nn.Module, H: Tensor, mean_abs: Tensor, plan: Compressi
     bias = lin.bias.detach() if lin.bias is not None else None
     module = QLRLinear.from_decomposition(dec, bias).to(lin.weight.device)
     diag = {k: v for k, v in dec.diagnostics.items() if k in _DIAGNOSTICS}
-    metrics = {"act_err": min(dec.history), "bits_per_weight": dec.bits_per_weight, "rank": dec.rank,
+    metrics = {"act_err": dec.act_err, "bits_per_weight": dec.bits_per_weight, "rank": dec.rank,
                "shape": [m, n], "seconds": secs, "history": dec.history, **diag}
     return module, metrics
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..calibration.pipeline import capture_block_inputs
+from ..calibration.blocks import capture_block_inputs
 from ..models.registry import get_blocks
 from ..nn.qlinear import QLRLinear
 from .finetune import FinetuneConfig, PreservedStep, _load_state, _lr_at, _save_state, autocast
