@@ -17,11 +17,13 @@ def finetune_table(rows: dict[str, dict[str, Any]]) -> str:
            "`_ste` rows trained through the factors' storage rounding (`--through-rounding`): there the float32 and "
            "re-quantized models are the same, and the fp16 column stores the float masters, which were never what "
            "the model computed.", "",
-           "| result file | objective | steps × batch × tokens | train time | FP ppl | before | after, re-quantized | "
+           "| result file | start (method) | objective | steps × batch × tokens | train time | FP ppl | before | "
+           "after, re-quantized | "
            "change | after, fp16 factors | after, float32 | bits/weight (re-quantized / fp16) | commit |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for name, d in sorted(rows.items()):
-        out.append(f"| `{name}` | {d['objective']} | {d['steps']} × {d['batch_size']} × {d['train_seqlen']} | "
+        out.append(f"| `{name}` | {d.get('method')} | {d['objective']} | "
+                   f"{d['steps']} × {d['batch_size']} × {d['train_seqlen']} | "
                    f"{d['train_seconds'] / 60:.1f} min | {d['fp_ppl']:.2f} | {d['ppl_before']:.2f} | "
                    f"**{d['ppl_after']:.2f}** | {100 * d['ppl_change']:+.1f} % | {d['ppl_after_fp16']:.2f} | "
                    f"{d['ppl_after_float_factors']:.2f} | {d['bits_per_weight_after']:.3f} / "

