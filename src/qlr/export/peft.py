@@ -200,7 +200,7 @@ def _quant_config(layers: dict[str, GPTQLayer], excluded: list[str], checkpoint_
     for the other layers ("+:" regex) and exclusions for linears qlr did not compress ("-:" regex)."""
     import re
 
-    import qlr
+    from .._version import __version__
 
     common = Counter((g.bits, g.group_size) for g in layers.values()).most_common(1)[0][0]
     dynamic: dict[str, dict[str, Any]] = {}
@@ -214,7 +214,7 @@ def _quant_config(layers: dict[str, GPTQLayer], excluded: list[str], checkpoint_
         "desc_act": any(g.desc_act for g in layers.values()), "sym": all(g.sym for g in layers.values()),
         "lm_head": False, "true_sequential": True, "static_groups": False, "damp_percent": 0.01,
         "checkpoint_format": checkpoint_format, "format": checkpoint_format, "pack_dtype": "int32",
-        "meta": {"quantizer": [f"qlr:{qlr.__version__}"]},
+        "meta": {"quantizer": [f"qlr:{__version__}"]},
     }
     if dynamic:
         cfg["dynamic"] = dynamic

@@ -37,9 +37,10 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-import qlr
 from qlr.models.surgery import replace_linear
 from qlr.nn.qlinear import QLRLinear
+
+from .._version import __version__
 
 __all__ = ["QLRConfig", "QLRHfQuantizer", "register", "QUANT_METHOD", "FORMAT_VERSION"]
 
@@ -73,7 +74,7 @@ class QLRConfig(QuantizationConfigMixin):
             raise _malformed(f"unknown keys {sorted(kwargs)} (known: {list(_KEYS)})")
         self.quant_method = quant_method
         self.format_version = format_version
-        self.qlr_version = qlr.__version__ if qlr_version is None else qlr_version
+        self.qlr_version = __version__ if qlr_version is None else qlr_version
         self.layers = {} if layers is None else layers
         self.unfused_experts = [] if unfused_experts is None else unfused_experts
         self.post_init()
@@ -90,7 +91,7 @@ class QLRConfig(QuantizationConfigMixin):
             raise _malformed(f"format_version must be an integer, got {self.format_version!r}")
         if self.format_version > FORMAT_VERSION:
             raise ValueError(f"config.json quantization_config has qlr format version {self.format_version}, newer "
-                             f"than this qlr ({qlr.__version__}) reads ({FORMAT_VERSION}); upgrade qlr")
+                             f"than this qlr ({__version__}) reads ({FORMAT_VERSION}); upgrade qlr")
         if not isinstance(self.unfused_experts, list) or not all(isinstance(p, str) for p in self.unfused_experts):
             raise _malformed(f"unfused_experts must be a list of module paths, got {self.unfused_experts!r}")
         if not isinstance(self.layers, dict) or not self.layers:
