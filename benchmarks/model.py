@@ -61,6 +61,13 @@ CONFIGS: dict[str, tuple[str, int, int | float | None, float | None, dict]] = {
     "lqer-2b-bpw3.5": ("lqer", 2, None, 3.5, dict(lr_bits=4)),
     "srr-2b-bpw3.5": ("srr", 2, None, 3.5, dict(lr_bits=4)),
     "loftq-2b-bpw3.5": ("loftq", 2, None, 3.5, dict(lr_bits=4)),
+    # SRR as published against the QERA variant with the same scaling (diag ↔ approx, full ↔ exact), same Q grid
+    "qera-approx-2b-bpw2.5": ("qera-approx", 2, None, 2.5, dict(lr_bits=4)),
+    "srr-diag-2b-bpw2.5": ("srr", 2, None, 2.5, dict(lr_bits=4, scaling="diag")),
+    "srr-full-2b-bpw2.5": ("srr", 2, None, 2.5, dict(lr_bits=4, scaling="full")),
+    "qera-approx-2b-bpw3.5": ("qera-approx", 2, None, 3.5, dict(lr_bits=4)),
+    "srr-diag-2b-bpw3.5": ("srr", 2, None, 3.5, dict(lr_bits=4, scaling="diag")),
+    "srr-full-2b-bpw3.5": ("srr", 2, None, 3.5, dict(lr_bits=4, scaling="full")),
 }
 QUICK = ["fp", "rtn-2b", "gptq-2b", "caldera-2b-bpw2.5", "odlri-2b-bpw2.5"]
 
