@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--through-rounding", action="store_true",
                    help="train through the factors' storage rounding (straight-through gradients)")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="autocast the forward passes (FinetuneConfig.amp)")
     p.add_argument("--tag", default="")
     a = p.parse_args()
     if a.threads:
@@ -76,9 +78,11 @@ def main() -> None:
     ids = calibration_batches(tok, load_text(a.text), a.train_windows, a.train_seqlen, a.seed + 1)
     cfg = FinetuneConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, objective=a.objective,
                          storage="none", seed=a.seed, warmup=max(1, a.steps // 10),
-                         through_rounding=a.through_rounding)
+                         through_rounding=a.through_rounding, amp=a.amp)
     res = finetune(student, ids, cfg, teacher=fp if a.objective == "kd" else None)
-    after_float = perplexity(student, tok, held_out, seqlen=a.seqlen, max_windows=a.windows)
+    # trained through the rounding, the float32 model is the re-quantized one (tested): not scored twice
+    after_float = (None if a.through_rounding
+                   else perplexity(student, tok, held_out, seqlen=a.seqlen, max_windows=a.windows))
     stored = {}
     for storage in ("fp16", "requantize"):  # the same trained factors, stored two ways
         model = copy.deepcopy(student)
@@ -86,8 +90,9 @@ def main() -> None:
             mod.store_factors(storage)
         stored[storage] = (perplexity(model, tok, held_out, seqlen=a.seqlen, max_windows=a.windows), _bpw(model))
     after, bpw_after = stored["requantize"]
+    after_float = after if after_float is None else after_float
     row = {"meta": run_meta(a.seed), "run": str(a.run), "base": base, "method": info.get("method"),
-           "objective": a.objective, "through_rounding": a.through_rounding, "steps": a.steps, "lr": a.lr,
+           "objective": a.objective, "through_rounding": a.through_rounding, "amp": a.amp, "steps": a.steps, "lr": a.lr,
            "batch_size": a.batch_size,
            "train_seqlen": a.train_seqlen, "train_text": a.text, "train_windows": int(ids.shape[0]),
            "tokens": res.tokens, "train_seconds": res.seconds, "eval_seconds_before": eval_s,
