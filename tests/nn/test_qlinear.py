@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -112,7 +113,14 @@ def _padding(qt: QuantizedTensor | None) -> int:
 def test_storage_bits_match_decomposition(case: str) -> None:
     dec = make_dec(**CASES[case])
     mod = QLRLinear.from_decomposition(dec)
-    expected = dec.storage_bits() + _padding(dec.q) + _padding(dec.lq) + _padding(dec.rq)
+    expected = dec.storage_bits()  # the grids count their packing's padding: checked against a hand count
+    for qt in (dec.q, dec.lq, dec.rq):
+        if isinstance(qt, QuantizedTensor):
+            m_, n_ = qt.codes.shape
+            sp = qt.spec
+            dense = m_ * n_ * sp.bits + m_ * sp.groups(n_) * (sp.scale_bits + (sp.bits if sp.has_zero else 0))
+            perm = 0 if qt.perm is None else n_ * max(1, math.ceil(math.log2(n_)))
+            assert qt.storage_bits() == dense + perm + _padding(qt)
     if dec.rotation is not None:  # one bit per sign, packed into whole int32 words
         m, n = dec.rotation.shape
         expected += packed_bits(m, 1) - m + packed_bits(n, 1) - n

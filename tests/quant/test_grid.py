@@ -26,13 +26,14 @@ def test_rtn_is_exact_on_grid_values():
 
 
 def test_bit_accounting_hand_worked():
-    # 2 rows × 8 cols, 3-bit, groups of 4, asymmetric fp16 scale + 3-bit zero:
-    # codes 16·3 = 48, scales 2·2·16 = 64, zeros 2·2·3 = 12 → 124 bits
+    # 2 rows × 8 cols, 3-bit, groups of 4, asymmetric fp16 scale + 3-bit zero, as stored: each row's 24 code bits
+    # in one 32-bit word (64), scales 2·2·16 = 64, the four 3-bit zeros packed into one word (32) → 160 bits
     q = quantize_rtn(torch.randn(2, 8), QuantSpec(bits=3, group_size=4))
-    assert q.storage_bits() == 124
-    assert QuantSpec(bits=2, group_size=64).bits_per_weight(768) == pytest.approx(2 + 18 / 64)
+    assert q.storage_bits() == 160
+    # 768 2-bit codes fill 48 words exactly; 12 groups of fp16 scale + 2-bit zero (24 bits, one word)
+    assert QuantSpec(bits=2, group_size=64).bits_per_weight(768) == pytest.approx((1536 + 12 * 16 + 32) / 768)
     qs = quantize_rtn(torch.randn(2, 8), QuantSpec(bits=3, group_size=4, symmetric=True))
-    assert qs.storage_bits() == 48 + 64
+    assert qs.storage_bits() == 64 + 64
 
 
 def test_nf_levels_have_exact_zero_and_unit_range():

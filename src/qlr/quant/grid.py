@@ -78,9 +78,13 @@ class QuantSpec:
         return self.group_size or n
 
     def storage_bits(self, m: int, n: int) -> int:
-        """Exact storage of an m × n matrix on this grid: codes plus one scale (and zero point) per (row, group)."""
-        per_group = self.scale_bits + (self.bits if self.has_zero else 0)
-        return m * n * self.bits + m * self.groups(n) * per_group
+        """Exact storage of an m × n matrix on this grid as qlr stores it: each row's codes packed into whole 32-bit
+        words (a narrow factor such as L with rank 5 at 4 bits pays for its padding), one scale per (row, group),
+        and the zero points (when the grid has them) packed together into whole 32-bit words."""
+        words = math.ceil(n * self.bits / 32)
+        k = m * self.groups(n)
+        zeros = math.ceil(k * self.bits / 32) * 32 if self.has_zero else 0
+        return m * words * 32 + k * self.scale_bits + zeros
 
     def bits_per_weight(self, n: int) -> float:
         """All-in bits per weight for a row of ``n`` weights (codes + scale + zero)."""
