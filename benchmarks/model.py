@@ -68,6 +68,9 @@ CONFIGS: dict[str, tuple[str, int, int | float | None, float | None, dict]] = {
     "qera-approx-2b-bpw3.5": ("qera-approx", 2, None, 3.5, dict(lr_bits=4)),
     "srr-diag-2b-bpw3.5": ("srr", 2, None, 3.5, dict(lr_bits=4, scaling="diag")),
     "srr-full-2b-bpw3.5": ("srr", 2, None, 3.5, dict(lr_bits=4, scaling="full")),
+    # the SRR authors' own setting (3-bit Q, rank 64, 16-bit factors; run with --group-size 32)
+    "qera-approx-3b-r64-lr16": ("qera-approx", 3, 64, None, dict(lr_bits=16)),
+    "srr-diag-3b-r64-lr16": ("srr", 3, 64, None, dict(lr_bits=16, scaling="diag")),
 }
 QUICK = ["fp", "rtn-2b", "gptq-2b", "caldera-2b-bpw2.5", "odlri-2b-bpw2.5"]
 
