@@ -7,22 +7,10 @@ import copy
 import pytest
 import torch
 
-import qlr
 from qlr.models.registry import get_blocks
 from qlr.models.tiny import tiny_llama
-from qlr.nn.qlinear import QLRLinear
 from qlr.train import FinetuneConfig, finetune, trainable_layers
-
-
-@pytest.fixture(scope="module")
-def compressed() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
-    fp = tiny_llama(seed=0)
-    text = (b"the quick brown fox jumps over the lazy dog. " * 40)[:1024]
-    ids = torch.tensor(list(text)).reshape(16, 64)
-    student = copy.deepcopy(fp)
-    qlr.compress(student, "odlri", 2, rank=8, calibration=ids, progress=False, group_size=32, outer_iters=1,
-                 inner_iters=1)
-    return fp, student, ids
+from tests.train.common import q_codes
 
 
 def _block_errors(student, fp, ids) -> list[float]:
@@ -41,21 +29,16 @@ def _block_errors(student, fp, ids) -> list[float]:
     return errs
 
 
-def _codes(model):
-    return {f"{n}.{k}": v.clone() for n, mod in model.named_modules() if isinstance(mod, QLRLinear)
-            for k, v in mod._buffers.items() if k.startswith("q_")}
-
-
 def test_blockwise_lowers_every_blocks_error_and_keeps_q(compressed):
     fp, student, ids = compressed
     model = copy.deepcopy(student)
-    codes, before = _codes(model), _block_errors(model, fp, ids)
+    codes, before = q_codes(model), _block_errors(model, fp, ids)
     cfg = FinetuneConfig(steps=25, lr=3e-3, batch_size=4, warmup=2, mode="blockwise", storage="fp16")
     res = finetune(model, ids, cfg, teacher=fp, progress=False)
     after = _block_errors(model, fp, ids)
     assert len(res.losses) == 25 * len(get_blocks(model)) and res.tokens == len(res.losses) * 4 * 64
     assert all(a < 0.9 * b for a, b in zip(after, before, strict=True)), (before, after)
-    assert all(torch.equal(v, _codes(model)[k]) for k, v in codes.items())
+    assert all(torch.equal(v, q_codes(model)[k]) for k, v in codes.items())
     # the block losses the trainer reports are the quantity checked above (first step of block 0: the same)
     assert res.losses[0] == pytest.approx(before[0], rel=0.5)
 

@@ -8,27 +8,9 @@ import copy
 import pytest
 import torch
 
-import qlr
 from qlr.models.tiny import tiny_llama
-from qlr.nn.qlinear import QLRLinear
 from qlr.train import FinetuneConfig, finetune, trainable_layers
-
-
-@pytest.fixture(scope="module")
-def compressed() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
-    """(FP teacher, ODLRI-compressed student with E8P Q, E8P-4 L/R and a Hadamard rotation, training ids)."""
-    fp = tiny_llama(seed=0)
-    text = (b"the quick brown fox jumps over the lazy dog. " * 40)[:1024]
-    ids = torch.tensor(list(text)).reshape(16, 64)
-    student = copy.deepcopy(fp)
-    qlr.compress(student, "odlri", 2, rank=8, calibration=ids, progress=False, group_size=32, outer_iters=1,
-                 inner_iters=1)
-    return fp, student, ids
-
-
-def _codes(model):
-    return {f"{n}.{k}": v.clone() for n, mod in model.named_modules() if isinstance(mod, QLRLinear)
-            for k, v in mod._buffers.items() if k.startswith("q_") or k.startswith("signs")}
+from tests.train.common import q_codes
 
 
 def test_trainable_factors_compute_the_same_layer(compressed):
@@ -62,11 +44,11 @@ def test_gradients_reach_only_the_factors(compressed):
 def test_kd_keeps_q_codes_and_bits_and_lowers_the_loss(compressed):
     fp, student, ids = compressed
     model = copy.deepcopy(student)
-    codes, bpw = _codes(model), {n: m.bits_per_weight for n, m in trainable_layers(model).items()}
+    codes, bpw = q_codes(model), {n: m.bits_per_weight for n, m in trainable_layers(model).items()}
     res = finetune(model, ids, FinetuneConfig(steps=12, lr=3e-3, batch_size=4, warmup=2), teacher=fp,
                    progress=False)
     assert len(res.losses) == 12 and res.tokens == 12 * 4 * 64 and res.trainable_parameters > 0
-    after = _codes(model)
+    after = q_codes(model)
     assert after.keys() == codes.keys() and all(torch.equal(after[k], codes[k]) for k in codes)
     for name, mod in trainable_layers(model).items():
         assert mod.l_train is None and mod.bits_per_weight == bpw[name]

@@ -26,19 +26,9 @@ from tqdm.auto import tqdm
 from ..calibration.blocks import capture_block_inputs
 from ..models.registry import get_blocks
 from ..nn.qlinear import QLRLinear
-from .finetune import FinetuneConfig, PreservedStep, _load_state, _lr_at, _save_state, autocast
+from .finetune import FinetuneConfig, PreservedStep, _load_state, _save_state, autocast, optimizer_step
 
 __all__ = ["train_blocks"]
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple | list):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
 
 
 def _block_out(block: nn.Module, hidden: Tensor, call: tuple[tuple[Any, ...], dict[str, Any]]) -> Tensor:
@@ -112,20 +102,11 @@ def _train_block(block: nn.Module, hidden: list[Tensor], target: list[Tensor],
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
     tokens = 0
     for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
         i = int(torch.randint(len(hidden), (1,), generator=gen))
         with autocast(hidden[i].device, cfg.amp):
             out = _block_out(block, hidden[i], calls[i]).float()
         loss = (out - target[i]).pow(2).mean() / target[i].pow(2).mean().clamp_min(1e-12)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        block_rule.before()
-        opt.step()
-        block_rule.after()
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(opt, loss, params, step, cfg, block_rule))
         tokens += hidden[i].shape[0] * hidden[i].shape[1]
         bar.set_postfix(block=b, loss=f"{losses[-1]:.4f}")
         bar.update(1)

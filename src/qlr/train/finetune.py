@@ -318,6 +318,22 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
     return result
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor, params: list[nn.Parameter], step: int,
+                   cfg: FinetuneConfig, rule: PreservedStep) -> float:
+    """One AdamW step on ``loss`` at step ``step`` of the schedule (warm-up, cosine): backward, the gradient-norm
+    clip of ``params``, the step, and SRR's preserved-direction rule around it. Returns the loss as a float."""
+    for group in opt.param_groups:
+        group["lr"] = _lr_at(step, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    rule.before()
+    opt.step()
+    rule.after()
+    return float(loss.detach())
+
+
 def _train_model(model: nn.Module, teacher: nn.Module | None, ids: Tensor, cfg: FinetuneConfig,
                  layers: dict[str, QLRLinear], params: list[nn.Parameter], rule: PreservedStep, wd: Path | None,
                  resume: bool, progress: bool, log: Callable[[str], None] | None, result: FinetuneResult,
@@ -333,18 +349,8 @@ def _train_model(model: nn.Module, teacher: nn.Module | None, ids: Tensor, cfg: 
                initial=start, total=cfg.steps)
     try:
         for step in bar:
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, cfg)
             batch = _batch(ids, step, cfg).to(device)
-            loss = _loss(model, teacher, batch, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            rule.before()
-            opt.step()
-            rule.after()
-            losses.append(float(loss.detach()))
+            losses.append(optimizer_step(opt, _loss(model, teacher, batch, cfg), params, step, cfg, rule))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if log is not None and (step + 1) % max(1, cfg.steps // 10) == 0:
                 log(f"step {step + 1}/{cfg.steps}: loss {losses[-1]:.4f}")
