@@ -67,7 +67,6 @@ def merge_into_factors(layer: QLRLinear, A: Tensor, B: Tensor, scale: float = 1.
         L, R = B, A
     layer.rank = layer.meta["rank"] = L.shape[1]
     layer.l_train, layer.r_train = nn.Parameter(L.contiguous()), nn.Parameter(R.contiguous())
-    layer.__dict__.pop("_rounding", None)
     layer.store_factors("fp16")
 
 
