@@ -58,12 +58,15 @@ def main() -> None:
                    help="train through the factors' storage rounding (straight-through gradients)")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                    help="autocast the forward passes (FinetuneConfig.amp)")
+    p.add_argument("--q-cache", action="store_true", help="decode Q once for training (FinetuneConfig.q_cache)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: steps / 10)")
     p.add_argument("--tag", default="")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     info = inspect(a.run)  # verifies the checkpoint
-    recorded = json.loads((a.run / "qlr_config.json").read_text()).get("extra") or {}
+    config = json.loads((a.run / "qlr_config.json").read_text())
+    recorded = config.get("extra") or {}
     base = a.model or recorded.get("model") or "smollm2-135m"
     fp, tok = load_model(base)
     student = qlr.load(a.run)
@@ -77,8 +80,8 @@ def main() -> None:
     bpw_before = _bpw(student)
     ids = calibration_batches(tok, load_text(a.text), a.train_windows, a.train_seqlen, a.seed + 1)
     cfg = FinetuneConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, objective=a.objective,
-                         storage="none", seed=a.seed, warmup=max(1, a.steps // 10),
-                         through_rounding=a.through_rounding, amp=a.amp)
+                         storage="none", seed=a.seed, warmup=max(1, a.steps // 10) if a.warmup is None else a.warmup,
+                         through_rounding=a.through_rounding, amp=a.amp, q_cache=a.q_cache)
     res = finetune(student, ids, cfg, teacher=fp if a.objective == "kd" else None)
     # trained through the rounding, the float32 model is the re-quantized one (tested): not scored twice
     after_float = (None if a.through_rounding
@@ -92,7 +95,9 @@ def main() -> None:
     after, bpw_after = stored["requantize"]
     after_float = after if after_float is None else after_float
     row = {"meta": run_meta(a.seed), "run": str(a.run), "base": base, "method": info.get("method"),
-           "objective": a.objective, "through_rounding": a.through_rounding, "amp": a.amp, "steps": a.steps, "lr": a.lr,
+           "budget": config.get("budget") or recorded.get("budget"),
+           "objective": a.objective, "through_rounding": a.through_rounding, "amp": a.amp, "q_cache": a.q_cache,
+           "steps": a.steps, "lr": a.lr, "warmup": cfg.warmup,
            "batch_size": a.batch_size,
            "train_seqlen": a.train_seqlen, "train_text": a.text, "train_windows": int(ids.shape[0]),
            "tokens": res.tokens, "train_seconds": res.seconds, "eval_seconds_before": eval_s,

@@ -655,7 +655,8 @@ def main() -> None:
                      inf))
     tuned = {f.stem: json.loads(f.read_text()) for f in sorted(RESULTS.glob("finetune_*.json"))}
     if tuned:
-        jobs.append(("finetune_loss.png", "QPEFT: training loss per step", plot_finetune, tuned))
+        jobs.append(("finetune_loss.png", "QPEFT: training loss per step and perplexity before → after",
+                     plot_finetune, tuned))
     for fname, what, fn, data in jobs:
         try:
             why = fn(data, PLOTS / fname)

@@ -1,51 +1,95 @@
-"""The QPEFT table and loss plot from benchmarks/results/finetune_*.json (written by benchmarks/finetune.py); used
-by report.py."""
+"""The QPEFT tables and plots from benchmarks/results/finetune_*.json (written by benchmarks/finetune.py); used by
+report.py."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 
+def _budget(d: dict[str, Any]) -> float:
+    """The budget a run was compressed for (older results: their stored bits/weight rounded up to a half bit)."""
+    if d.get("budget"):
+        return float(d["budget"])
+    return math.ceil(d["bits_per_weight_before"] * 2 - 1e-3) / 2
+
+
+def _key(item: tuple[str, dict[str, Any]]) -> tuple:
+    name, d = item
+    return _budget(d), d["steps"], d.get("method") or "", name
+
+
 def finetune_table(rows: dict[str, dict[str, Any]]) -> str:
-    """Markdown: held-out perplexity before and after fine-tuning, per run, with the factors stored three ways."""
+    """Markdown: a comparison of the starts at equal steps per budget, then every run with the factors stored three
+    ways."""
     out = ["## Fine-tuning L, R on a frozen Q (QPEFT)", "",
-           "`python benchmarks/finetune.py RUN --steps N --lr LR --threads 2`: train on State-of-the-Union windows "
-           "(never the held-out text), score the same held-out Moby-Dick windows before and after. \"re-quantized\" "
-           "stores the trained factors in their original formats (bits/weight unchanged: the headline); \"fp16\" "
-           "keeps them in fp16 (bits counted); \"float32\" is the trained model before storing.", "",
-           "`_ste` rows trained through the factors' storage rounding (`--through-rounding`): there the float32 and "
-           "re-quantized models are the same, and the fp16 column stores the float masters, which were never what "
-           "the model computed.", "",
-           "| result file | start (method) | objective | steps × batch × tokens | train time | FP ppl | before | "
-           "after, re-quantized | "
-           "change | after, fp16 factors | after, float32 | bits/weight (re-quantized / fp16) | commit |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    for name, d in sorted(rows.items()):
+           "`python benchmarks/finetune.py RUN --steps N --lr LR --through-rounding --threads 2 [--amp bf16]`: "
+           "train on State-of-the-Union windows (never the held-out text), score the same held-out Moby-Dick windows "
+           "before and after. The checkpoints come from `qlr compress --method M --bits B --budget X "
+           "--calib-samples 32`.", "",
+           "### Starts compared at equal steps", "",
+           "Per budget and step count, every start (`kd`, trained through the storage rounding, factors "
+           "re-quantized: bits/weight unchanged).", "",
+           "| budget | steps | start (method) | bits/weight | lr | before | after | change | after / FP | "
+           "train time |",
+           "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, d in sorted(rows.items(), key=_key):
+        if not d.get("through_rounding") or d["objective"] != "kd":
+            continue
+        out.append(f"| {_budget(d)} | {d['steps']} | {d.get('method')}{' (bf16)' if d.get('amp') == 'bf16' else ''} "
+                   f"| {d['bits_per_weight_after']:.3f} | {d['lr']:g} | {d['ppl_before']:,.2f} | "
+                   f"**{d['ppl_after']:,.2f}** | {100 * d['ppl_change']:+.1f} % | "
+                   f"{d['ppl_after'] / d['fp_ppl']:.2f}× | {d['train_seconds'] / 60:.1f} min |")
+    out += ["", "### Every run", "",
+            "\"re-quantized\" stores the trained factors in their original formats (bits/weight unchanged: the "
+            "headline); \"fp16\" keeps them in fp16 (bits counted); \"float32\" is the trained model before storing. "
+            "`_ste` rows trained through the factors' storage rounding (`--through-rounding`): there the float32 and "
+            "re-quantized models are the same, and the fp16 column stores the float masters, which were never what "
+            "the model computed.", "",
+            "| result file | start (method) | objective | steps × batch × tokens | lr | amp | train time | FP ppl | "
+            "before | after, re-quantized | change | after, fp16 factors | after, float32 | "
+            "bits/weight (re-quantized / fp16) | commit |",
+            "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for name, d in sorted(rows.items(), key=_key):
         out.append(f"| `{name}` | {d.get('method')} | {d['objective']} | "
-                   f"{d['steps']} × {d['batch_size']} × {d['train_seqlen']} | "
-                   f"{d['train_seconds'] / 60:.1f} min | {d['fp_ppl']:.2f} | {d['ppl_before']:.2f} | "
-                   f"**{d['ppl_after']:.2f}** | {100 * d['ppl_change']:+.1f} % | {d['ppl_after_fp16']:.2f} | "
-                   f"{d['ppl_after_float_factors']:.2f} | {d['bits_per_weight_after']:.3f} / "
+                   f"{d['steps']} × {d['batch_size']} × {d['train_seqlen']} | {d['lr']:g} | {d.get('amp', 'none')} | "
+                   f"{d['train_seconds'] / 60:.1f} min | {d['fp_ppl']:.2f} | {d['ppl_before']:,.2f} | "
+                   f"**{d['ppl_after']:,.2f}** | {100 * d['ppl_change']:+.1f} % | {d['ppl_after_fp16']:,.2f} | "
+                   f"{d['ppl_after_float_factors']:,.2f} | {d['bits_per_weight_after']:.3f} / "
                    f"{d['bits_per_weight_fp16']:.3f} | {d['meta']['commit']} |")
     out.append("")
     return "\n".join(out)
 
 
 def plot_finetune(rows: dict[str, dict[str, Any]], path: Path) -> str | None:
-    """The training loss of every step, per run."""
+    """Left: the training loss of every step, per run. Right: held-out perplexity before → after, per run (log)."""
     if not rows:
         return "no fine-tuning results"
     from report import _plt
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, d in sorted(rows.items()):
-        ax.plot(range(1, len(d["losses"]) + 1), d["losses"], lw=1, label=f"{name} ({d['objective']})")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5))
+    items = sorted(rows.items(), key=_key)
+    for name, d in items:
+        ax.plot(range(1, len(d["losses"]) + 1), d["losses"], lw=1, label=name.removeprefix("finetune_"))
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (KL to the FP model for kd)")
     ax.set_title("QPEFT: loss per step")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6)
+    for i, (name, d) in enumerate(items):
+        bx.plot([i, i], [d["ppl_before"], d["ppl_after"]], color="0.6", lw=1)
+        bx.scatter([i], [d["ppl_before"]], marker="o", color="tab:red", s=18, label="before" if i == 0 else None)
+        bx.scatter([i], [d["ppl_after"]], marker="v", color="tab:blue", s=22, label="after" if i == 0 else None)
+    fp = items[0][1]["fp_ppl"]
+    bx.axhline(fp, color="k", ls=":", lw=1, label=f"FP {fp:.1f}")
+    bx.set_yscale("log")
+    bx.set_xticks(range(len(items)))
+    bx.set_xticklabels([f"{d.get('method')} {_budget(d)}\n{d['steps']} st" for _, d in items], fontsize=7,
+                       rotation=45, ha="right")
+    bx.set_ylabel("held-out perplexity (log)")
+    bx.set_title("QPEFT: perplexity before → after (re-quantized factors)")
+    bx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -233,3 +233,45 @@ def test_torch_compile_full_graph(case: str) -> None:
     torch._dynamo.reset()
     compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), mod(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cached_q_computes_the_same_layer_and_gradients(case: str) -> None:
+    """cache_q (Q decoded once, as fine-tuning uses it) gives the codes' own outputs and input gradients, against
+    the float64 reference; cache_q(None) drops it and pickling never carries it."""
+    dec = make_dec(**CASES[case])
+    mod = QLRLinear.from_decomposition(dec, bias=torch.randn(dec.L_s.shape[0]))
+    x = torch.randn(33, dec.R_s.shape[1], dtype=torch.float64).float().requires_grad_(True)
+    g = torch.randn(33, dec.L_s.shape[0])
+    y0 = mod(x)
+    (gx0,) = torch.autograd.grad(y0, x, g)
+    mod.cache_q()
+    if mod.meta["q"] is not None:
+        assert mod.__dict__["_q_dense"].shape == (mod.out_features, mod.in_features)
+    y1 = mod(x)
+    (gx1,) = torch.autograd.grad(y1, x, g)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-4)
+    ref = reference(dec, x.detach(), mod.bias)
+    torch.testing.assert_close(y1.detach().double(), ref, rtol=1e-5, atol=1e-4)
+    import copy
+    assert "_q_dense" not in copy.deepcopy(mod).__dict__
+    mod.cache_q(None)
+    assert "_q_dense" not in mod.__dict__
+
+
+@pytest.mark.parametrize("case", ["rotation_lr_actorder", "asym2"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_forward_under_bf16_autocast(case: str, cached: bool) -> None:
+    """Under bf16 autocast (fine-tuning with amp, evaluation under autocast), with Q's codes or a bf16 cache of
+    Q: the output within bf16 rounding of the float64 reference."""
+    dec = make_dec(**CASES[case])
+    mod = QLRLinear.from_decomposition(dec)
+    x = torch.randn(40, dec.R_s.shape[1])
+    ref = reference(dec, x, None)
+    if cached:
+        mod.cache_q(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mod(x)
+    rel = (y.double() - ref).norm() / ref.norm()
+    assert rel < 2e-2

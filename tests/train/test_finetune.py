@@ -121,3 +121,24 @@ def test_training_through_rounding_stores_exactly_the_trained_model(compressed):
         stored = model(ids[:2]).logits
     torch.testing.assert_close(stored, trained, rtol=1e-4, atol=1e-4)
     assert {n: m.bits_per_weight for n, m in trainable_layers(model).items()} == bpw
+
+
+def test_q_cache_trains_the_same_factors_and_is_dropped(compressed):
+    """q_cache multiplies with Q decoded once: the same losses and trained factors as decoding the codes every
+    call (up to float summation order), the codes untouched, and no cache left on the model afterwards."""
+    fp, student, ids = compressed
+    runs = []
+    for q_cache in (False, True):
+        model = copy.deepcopy(student)
+        cfg = FinetuneConfig(steps=4, lr=1e-3, batch_size=2, warmup=1, storage="none", q_cache=q_cache)
+        res = finetune(model, ids, cfg, teacher=fp, progress=False)
+        runs.append((res.losses, {n: m.l_train.detach().clone() for n, m in trainable_layers(model).items()},
+                     q_codes(model)))
+        from qlr.nn import QLRLinear
+
+        assert not any("_q_dense" in m.__dict__ for m in model.modules() if isinstance(m, QLRLinear))
+    (l0, f0, c0), (l1, f1, c1) = runs
+    torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=1e-4, atol=1e-6)
+    for name in f0:
+        torch.testing.assert_close(f1[name], f0[name], rtol=1e-3, atol=1e-5)
+    assert all(torch.equal(c1[k], c0[k]) for k in c0)

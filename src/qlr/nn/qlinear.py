@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from qlr.kernels import cpu, ops
 from qlr.nn.codecs import RowDecoder, codec_for, dtype_from_name, dtype_name
@@ -181,6 +182,7 @@ class QLRLinear(nn.Module):
         so that ``copy.deepcopy`` and pickling work after a forward."""
         state = dict(super().__getstate__())
         state.pop("_plan_cache", None)
+        state.pop("_q_dense", None)
         return state
 
     def _fused_plan(self) -> tuple[Any, int, Any] | None:
@@ -252,7 +254,11 @@ class QLRLinear(nn.Module):
         if self.meta["q"] is not None:
             perm = codec_for(name=self.meta["q"]["codec"]).column_perm(self._bufs("q"))
             xq = x2 if perm is None else x2.index_select(-1, perm.to(torch.int64))
-            y = self._matmul("q", xq)
+            qd = self.__dict__.get("_q_dense")
+            if qd is None:
+                y = self._matmul("q", xq)
+            else:  # Q decoded once (cache_q): one BLAS call, autocast where it is enabled
+                y = F.linear(xq, qd if qd.dtype == xq.dtype or torch.is_autocast_enabled() else qd.to(xq.dtype))
         else:
             y = torch.zeros(x2.shape[0], m, dtype=dtype, device=x.device)
         if training_factors:  # differentiable in L and R (and x); out of place for autograd
@@ -260,7 +266,8 @@ class QLRLinear(nn.Module):
             y = y + (x2 @ R.T) @ L.T
         elif self.rank > 0:  # y + (x Rᵀ) Lᵀ as one GEMM with accumulation; L is small (m × r)
             L = codec_for(name=self.meta["l"]["codec"]).dense(self._bufs("l"), self.meta["l"])
-            y = y.addmm_(self._matmul("r", x2), L.to(dtype).T)
+            # under autocast the products may come back in the autocast dtype: the in-place GEMM wants x's
+            y = y.to(dtype).addmm_(self._matmul("r", x2).to(dtype), L.to(dtype).T)
         if rotated:
             y = ops.hadamard(y, None, s_out, True)
         if self.meta["bias"] is not None:
@@ -286,6 +293,18 @@ class QLRLinear(nn.Module):
             self.__dict__["_rounding"] = ({f: self._bufs(f).get("scale") if self.meta[f]["codec"] == "e8p" else None
                                            for f in ("l", "r")} if through_rounding else None)
         return self.l_train, self.r_train
+
+    def cache_q(self, dtype: torch.dtype | None = torch.float32) -> None:
+        """Decode Q's frozen codes once into a dense (m × n) tensor of ``dtype``, in stored column order, which
+        :meth:`forward` then multiplies with instead of decoding the codes on every call (fine-tuning calls it
+        three times a step: the forward, and the backward's ``g Q``). Costs m·n·itemsize bytes until
+        ``cache_q(None)`` drops it; the codes are untouched, so the cache is never saved. The product equals the
+        codes' own kernels up to the float summation order (and the rounding to ``dtype``)."""
+        if dtype is None or self.meta["q"] is None:
+            self.__dict__.pop("_q_dense", None)
+            return
+        dense = codec_for(name=self.meta["q"]["codec"]).dense(self._bufs("q"), self.meta["q"])
+        self.__dict__["_q_dense"] = dense.to(dtype).contiguous()
 
     def _rounded(self, f: str, x: Tensor, scales: Tensor | None) -> Tensor:
         """``x`` rounded to factor ``f``'s stored format (float32, no gradient)."""
