@@ -3,16 +3,16 @@ report.py."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 
 def _budget(d: dict[str, Any]) -> float:
-    """The budget a run was compressed for (older results: their stored bits/weight rounded up to a half bit)."""
+    """The budget a run was compressed for (older results: their stored bits/weight rounded to the nearest half bit;
+    the comparison table marks a run stored above its budget)."""
     if d.get("budget"):
         return float(d["budget"])
-    return math.ceil(d["bits_per_weight_before"] * 2 - 1e-3) / 2
+    return round(d["bits_per_weight_before"] * 2) / 2
 
 
 def _key(item: tuple[str, dict[str, Any]]) -> tuple:
@@ -37,8 +37,10 @@ def finetune_table(rows: dict[str, dict[str, Any]]) -> str:
     for name, d in sorted(rows.items(), key=_key):
         if not d.get("through_rounding") or d["objective"] != "kd":
             continue
+        over = " (over budget)" if d["bits_per_weight_after"] > _budget(d) else ""
         out.append(f"| {_budget(d)} | {d['steps']} | {d.get('method')}{' (bf16)' if d.get('amp') == 'bf16' else ''} "
-                   f"| {d['bits_per_weight_after']:.3f} | {d['lr']:g} | {d['ppl_before']:,.2f} | "
+                   f"| {d['bits_per_weight_after']:.3f}{over} "
+                   f"| {d['lr']:g} | {d['ppl_before']:,.2f} | "
                    f"**{d['ppl_after']:,.2f}** | {100 * d['ppl_change']:+.1f} % | "
                    f"{d['ppl_after'] / d['fp_ppl']:.2f}× | {d['train_seconds'] / 60:.1f} min |")
     out += ["", "### Every run", "",
@@ -63,7 +65,8 @@ def finetune_table(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def plot_finetune(rows: dict[str, dict[str, Any]], path: Path) -> str | None:
-    """Left: the training loss of every step, per run. Right: held-out perplexity before → after, per run (log)."""
+    """Left: the training loss of every step, per run (colour: start; solid: budget < 3, dashed: ≥ 3).
+    Right: held-out perplexity before → after, per run (log)."""
     if not rows:
         return "no fine-tuning results"
     from report import _plt
@@ -71,10 +74,13 @@ def plot_finetune(rows: dict[str, dict[str, Any]], path: Path) -> str | None:
     plt = _plt()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5))
     items = sorted(rows.items(), key=_key)
+    colours = {"odlri": "tab:green", "caldera": "tab:blue", "qera-exact": "tab:red", "loftq": "tab:orange"}
     for name, d in items:
-        ax.plot(range(1, len(d["losses"]) + 1), d["losses"], lw=1, label=name.removeprefix("finetune_"))
+        ax.plot(range(1, len(d["losses"]) + 1), d["losses"], lw=1, color=colours.get(d.get("method") or "", "0.4"),
+                ls="-" if _budget(d) < 3 else "--", label=name.removeprefix("finetune_"))
+    ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (KL to the FP model for kd)")
+    ax.set_ylabel("training loss (KL to the FP model for kd; log)")
     ax.set_title("QPEFT: loss per step")
     ax.legend(fontsize=6)
     for i, (name, d) in enumerate(items):
