@@ -59,6 +59,8 @@ def main() -> None:
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                    help="autocast the forward passes (FinetuneConfig.amp)")
     p.add_argument("--q-cache", action="store_true", help="decode Q once for training (FinetuneConfig.q_cache)")
+    p.add_argument("--train-scales", action="store_true",
+                   help="also train Q's scales (FinetuneConfig.train_scales)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: steps / 10)")
     p.add_argument("--tag", default="")
     a = p.parse_args()
@@ -81,7 +83,8 @@ def main() -> None:
     ids = calibration_batches(tok, load_text(a.text), a.train_windows, a.train_seqlen, a.seed + 1)
     cfg = FinetuneConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, objective=a.objective,
                          storage="none", seed=a.seed, warmup=max(1, a.steps // 10) if a.warmup is None else a.warmup,
-                         through_rounding=a.through_rounding, amp=a.amp, q_cache=a.q_cache)
+                         through_rounding=a.through_rounding, amp=a.amp, q_cache=a.q_cache,
+                         train_scales=a.train_scales)
     res = finetune(student, ids, cfg, teacher=fp if a.objective == "kd" else None)
     # trained through the rounding, the float32 model is the re-quantized one (tested): not scored twice
     after_float = (None if a.through_rounding
@@ -91,12 +94,14 @@ def main() -> None:
         model = copy.deepcopy(student)
         for mod in trainable_layers(model).values():
             mod.store_factors(storage)
+            mod.store_q_scales()
         stored[storage] = (perplexity(model, tok, held_out, seqlen=a.seqlen, max_windows=a.windows), _bpw(model))
     after, bpw_after = stored["requantize"]
     after_float = after if after_float is None else after_float
     row = {"meta": run_meta(a.seed), "run": str(a.run), "base": base, "method": info.get("method"),
            "budget": config.get("budget") or recorded.get("budget"),
            "objective": a.objective, "through_rounding": a.through_rounding, "amp": a.amp, "q_cache": a.q_cache,
+           "train_scales": a.train_scales,
            "steps": a.steps, "lr": a.lr, "warmup": cfg.warmup,
            "batch_size": a.batch_size,
            "train_seqlen": a.train_seqlen, "train_text": a.text, "train_windows": int(ids.shape[0]),

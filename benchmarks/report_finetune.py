@@ -15,6 +15,12 @@ def _budget(d: dict[str, Any]) -> float:
     return round(d["bits_per_weight_before"] * 2) / 2
 
 
+def _label(d: dict[str, Any]) -> str:
+    """The start's method with the training options that change what is trained or how (bf16, Q's scales)."""
+    opts = [o for o, on in (("bf16", d.get("amp") == "bf16"), ("+ Q scales", d.get("train_scales"))) if on]
+    return f"{d.get('method')} ({', '.join(opts)})" if opts else str(d.get("method"))
+
+
 def _key(item: tuple[str, dict[str, Any]]) -> tuple:
     name, d = item
     return _budget(d), d["steps"], d.get("method") or "", name
@@ -38,7 +44,7 @@ def finetune_table(rows: dict[str, dict[str, Any]]) -> str:
         if not d.get("through_rounding") or d["objective"] != "kd":
             continue
         over = " (over budget)" if d["bits_per_weight_after"] > _budget(d) else ""
-        out.append(f"| {_budget(d)} | {d['steps']} | {d.get('method')}{' (bf16)' if d.get('amp') == 'bf16' else ''} "
+        out.append(f"| {_budget(d)} | {d['steps']} | {_label(d)} "
                    f"| {d['bits_per_weight_after']:.3f}{over} "
                    f"| {d['lr']:g} | {d['ppl_before']:,.2f} | "
                    f"**{d['ppl_after']:,.2f}** | {100 * d['ppl_change']:+.1f} % | "

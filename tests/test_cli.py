@@ -364,7 +364,7 @@ def test_finetune_then_inspect_and_eval(tmp_path, model_dir, text_file, capsys, 
                  "--calib-text", str(text_file), "--calib-samples", "4", "--seqlen", "64", "--opt", "outer_iters=1",
                  "--opt", "inner_iters=1", "--out", str(run)]) == 0
     assert main(["finetune", str(run), "--text", str(text_file), "--steps", "3", "--seqlen", "32", "--windows", "8",
-                 "--lr", "1e-3", "--storage", storage, "--out", str(tuned)]) == 0
+                 "--lr", "1e-3", "--storage", storage, "--train-scales", "--out", str(tuned)]) == 0
     out = capsys.readouterr().out
     assert "fine-tuned 14 layers" in out and f"stored as {storage}" in out
     assert not (tmp_path / "tuned.partial").exists()
@@ -378,6 +378,7 @@ def test_finetune_then_inspect_and_eval(tmp_path, model_dir, text_file, capsys, 
         assert after["bits_per_weight_meta"] > before["bits_per_weight_meta"]
     cfg = json.loads((tuned / "qlr_config.json").read_text())
     assert cfg["method"] == "caldera" and cfg["extra"]["finetune"]["config"]["steps"] == 3
+    assert cfg["extra"]["finetune"]["config"]["train_scales"] is True
     assert main(["eval", str(tuned), "--text", str(text_file), "--seqlen", "64", "--no-fp"]) == 0
     assert main(["finetune", str(run), "--text", str(text_file), "--steps", "3", "--out", str(tuned)]) == 2
 

@@ -292,7 +292,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                          storage=a.storage, seed=a.seed, warmup=max(1, a.steps // 10) if a.warmup is None
                          else a.warmup, gradient_checkpointing=a.gradient_checkpointing, save_every=a.save_every,
                          through_rounding=a.through_rounding, amp=a.amp, mode=a.mode, q_cache=a.q_cache,
-                         preserve_grad_scale=a.preserve_grad_scale)
+                         preserve_grad_scale=a.preserve_grad_scale, train_scales=a.train_scales)
     load_text(a.text)
     model, res = finetune_checkpoint(a.run, out, text=a.text, windows=a.windows, seqlen=a.seqlen,
                                      teacher=a.teacher, config=cfg, resume=a.resume)
@@ -476,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--q-cache", action="store_true",
                    help="decode each layer's frozen Q once into a dense tensor (amp dtype, else float32) for faster "
                         "steps; costs 2-4 bytes per weight while training")
+    t.add_argument("--train-scales", action="store_true",
+                   help="also train Q's scales (one multiplier per stored scale; codes frozen, bits/weight "
+                        "unchanged); needs a dense Q per layer while training")
     t.add_argument("--preserve-grad-scale", type=float, default=1.0, metavar="GAMMA",
                    help="SRR: the preserved directions of an srr checkpoint take this fraction of their step")
     t.add_argument("--teacher", default=None,

@@ -275,3 +275,69 @@ def test_forward_under_bf16_autocast(case: str, cached: bool) -> None:
         y = mod(x)
     rel = (y.double() - ref).norm() / ref.norm()
     assert rel < 2e-2
+
+
+def _with_q(dec: Decomposition, q: object) -> Decomposition:
+    return Decomposition(dec.method, dec.config, q, dec.L_s, dec.R_s, lq=dec.lq, rq=dec.rq, rotation=dec.rotation,
+                         shape=dec.shape)
+
+
+def check_trained_q_scales(dec: Decomposition, scaled: object, theta: torch.Tensor, mod: QLRLinear,
+                           amp_cache: bool = False) -> None:
+    """The layer with Q's scale multipliers ``theta`` (through the rounding) computes ``scaled`` (dec with Q's scales
+    replaced by the stored, rounded scale·θ), the θ gradient is the exact derivative of a layer linear in θ, and
+    store_q_scales writes those scales beside the untouched codes."""
+    ref_dec = _with_q(dec, scaled)
+    if amp_cache:
+        mod.cache_q(torch.float32)
+    p = mod.train_q_scales(through_rounding=True)
+    assert p.shape == theta.shape and bool((p == 1).all())
+    with torch.no_grad():
+        p.copy_(theta)
+    codes = mod.q_codes.clone()
+    x = torch.randn(21, dec.R_s.shape[1])
+    g = torch.randn(21, dec.L_s.shape[0])
+    ref = reference(ref_dec, x, mod.bias)
+    y = mod(x)
+    torch.testing.assert_close(y.detach().double(), ref, rtol=1e-5, atol=1e-4)
+    (grad,) = torch.autograd.grad((y * g).sum(), p)
+    # the output is linear in θ away from the rounding: a unit step in one multiplier moves ⟨y, g⟩ by its gradient
+    mod.__dict__["_q_scale_rounding"] = False
+    flat = torch.randperm(theta.numel(), generator=torch.Generator().manual_seed(1))[:5]
+    with torch.no_grad():
+        f0 = float((mod(x).double() * g.double()).sum())
+        for k in flat.tolist():
+            p.view(-1)[k] = theta.view(-1)[k] + 1.0
+            f1 = float((mod(x).double() * g.double()).sum())
+            p.view(-1)[k] = theta.view(-1)[k]
+            assert abs((f1 - f0) - float(grad.view(-1)[k])) <= 1e-3 * (1 + abs(float(grad.view(-1)[k])))
+    mod.__dict__["_q_scale_rounding"] = True
+    mod.store_q_scales()
+    assert mod.q_scale_train is None and "_q_dense" not in mod.__dict__
+    assert torch.equal(mod.q_codes, codes)
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x).double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("case", ["asym2", "sym3", "asym4_row", "nf3", "fp32_scale_odd_groups", "actorder",
+                                  "rotation_lr_actorder", "rank0"])
+def test_trained_q_scales_scale_each_group(case: str, cached: bool) -> None:
+    """Q's scales as trainable multipliers (fine-tuning's train_scales) on every grid: group g of row i becomes
+    θ[i, g]·scale[i, g]·(code − zero), in stored column order (act-order, groups that do not divide the width)."""
+    dec = make_dec(**CASES[case])
+    mod = QLRLinear.from_decomposition(dec, bias=torch.randn(dec.L_s.shape[0]))
+    q = dec.q
+    theta = 1 + 0.2 * torch.randn(q.scale.shape, generator=torch.Generator().manual_seed(3))
+    dtype = {16: torch.float16, 32: torch.float32}[q.spec.scale_bits]
+    new_scale = (mod.q_scale.float() * theta).to(dtype).float()
+    scaled = QuantizedTensor(q.codes, new_scale, q.zero, q.spec, q.perm)
+    check_trained_q_scales(dec, scaled, theta, mod, amp_cache=cached)
+    assert torch.equal(mod.q_scale.float(), new_scale)
+
+
+def test_trained_q_scales_refused_for_power_of_two_scales() -> None:
+    mod = QLRLinear.from_decomposition(make_dec(**CASES["int8_pow2scale"]))
+    assert "power-of-two" in mod.q_scales_untrainable()
+    with pytest.raises(ValueError, match="power-of-two"):
+        mod.train_q_scales()

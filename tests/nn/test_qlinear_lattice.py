@@ -205,3 +205,22 @@ def test_torch_compile_full_graph() -> None:
     torch._dynamo.reset()
     compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), mod(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["e8p_lr_fp16", "e8p_s32_lr_int4", "rot_lr_e8p", "rank0"])
+def test_trained_q_scale_scales_the_lattice(case: str) -> None:
+    """A one-stage E8P Q's scale as a trainable multiplier: Q becomes θ·scale·codewords (θ one scalar), stored
+    rounded to the scale's dtype beside the untouched codes; a two-stage Q is refused."""
+    from tests.nn.test_qlinear import check_trained_q_scales
+
+    dec = make_dec(**CASES[case])
+    mod = QLRLinear.from_decomposition(dec, bias=torch.randn(dec.L_s.shape[0]))
+    theta = torch.tensor([1.137])
+    dtype = {16: torch.float16, 32: torch.float32}[dec.q.scale_bits]
+    new_scale = (dec.q.scales.float() * theta).to(dtype).float()
+    scaled = LatticeQuantizedTensor(dec.q.codes, new_scale, dec.q.scale_bits)
+    check_trained_q_scales(dec, scaled, theta, mod)
+    assert torch.equal(mod.q_scale.float(), new_scale)
+    two = QLRLinear.from_decomposition(make_dec(**CASES["e8p4_lr_fp16"]))
+    with pytest.raises(ValueError, match="2-stage"):
+        two.train_q_scales()

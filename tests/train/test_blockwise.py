@@ -104,3 +104,26 @@ def test_config_checks():
     with pytest.raises(ValueError, match="mode=blockwise needs the full-precision teacher"):
         finetune(tiny_llama(seed=0), torch.zeros(2, 8, dtype=torch.long),
                  FinetuneConfig(objective="lm", mode="blockwise"), progress=False)
+
+
+def test_blockwise_trains_q_scales_without_decay(compressed):
+    """Block-wise training with train_scales moves Q's scales (and nothing else of Q); the multipliers sit in an
+    AdamW group without weight decay, the factors in one with it."""
+    from qlr.train.finetune import make_optimizer
+
+    fp, student, ids = compressed
+    model = copy.deepcopy(student)
+    codes = q_codes(model)
+    cfg = FinetuneConfig(steps=5, lr=3e-3, batch_size=4, warmup=1, mode="blockwise", train_scales=True,
+                         weight_decay=0.1)
+    finetune(model, ids, cfg, teacher=fp, progress=False)
+    after = q_codes(model)
+    moved = {k for k in codes if not torch.equal(after[k], codes[k])}
+    assert moved and all(k.endswith(".q_scale") for k in moved)
+    layers = trainable_layers(copy.deepcopy(student))
+    for m in layers.values():
+        m.train_factors()
+        m.train_q_scales()
+    groups = make_optimizer(layers.values(), cfg).param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert {id(p) for p in groups[1]["params"]} == {id(m.q_scale_train) for m in layers.values()}

@@ -142,3 +142,50 @@ def test_q_cache_trains_the_same_factors_and_is_dropped(compressed):
     for name in f0:
         torch.testing.assert_close(f1[name], f0[name], rtol=1e-3, atol=1e-5)
     assert all(torch.equal(c1[k], c0[k]) for k in c0)
+
+
+def _scales(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.q_scale.clone() for n, m in trainable_layers(model).items()}
+
+
+def test_train_scales_moves_q_scales_only_and_resumes(compressed, tmp_path):
+    """train_scales: Q's scales train beside L and R (no weight decay on the multipliers), Q's codes and the bits
+    stay; the stored model is exactly the trained one (through the rounding); a resumed run equals an
+    uninterrupted one, multipliers and their Adam moments included."""
+    fp, student, ids = compressed
+    cfg = FinetuneConfig(steps=8, lr=3e-3, batch_size=4, warmup=2, save_every=4, through_rounding=True,
+                         train_scales=True, weight_decay=0.1)
+    whole = copy.deepcopy(student)
+    codes, scales0 = q_codes(whole), _scales(whole)
+    bpw = {n: m.bits_per_weight for n, m in trainable_layers(whole).items()}
+    res = finetune(whole, ids, FinetuneConfig(**{**cfg.__dict__, "storage": "none"}), teacher=fp, progress=False)
+    layers = trainable_layers(whole)
+    assert res.trainable_parameters == sum(p.numel() for m in layers.values() for p in m.trained_tensors().values())
+    assert all(m.q_scale_train is not None and m.q_scale_train.shape == (1,) for m in layers.values())
+    with torch.no_grad():
+        trained = whole(ids[:2]).logits
+        for mod in layers.values():
+            mod.store_factors("requantize")
+            mod.store_q_scales()
+        stored = whole(ids[:2]).logits
+    torch.testing.assert_close(stored, trained, rtol=1e-4, atol=1e-4)
+    after = q_codes(whole)
+    moved = [k for k in codes if not torch.equal(after[k], codes[k])]
+    assert moved and all(k.endswith(".q_scale") for k in moved)
+    assert {n: m.bits_per_weight for n, m in trainable_layers(whole).items()} == bpw
+    assert sum(res.losses[-3:]) < sum(res.losses[:3])
+    assert any(not torch.equal(s, scales0[n]) for n, s in _scales(whole).items())
+
+    class Killed(Exception):
+        pass
+
+    def die_after_six(line: str) -> None:
+        if line.startswith("step 6/"):
+            raise Killed
+
+    with pytest.raises(Killed):
+        finetune(copy.deepcopy(student), ids, cfg, teacher=fp, work_dir=tmp_path, progress=False, log=die_after_six)
+    again = copy.deepcopy(student)
+    finetune(again, ids, cfg, teacher=fp, work_dir=tmp_path, resume=True, progress=False)
+    for (name, a), (_, b) in zip(whole.named_buffers(), again.named_buffers(), strict=True):
+        assert torch.equal(a, b), name

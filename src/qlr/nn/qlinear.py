@@ -74,6 +74,7 @@ class QLRLinear(nn.Module):
             self.register_buffer(name, t)
         self.register_parameter("l_train", None)  # set by train_factors(): float copies of L and R that the
         self.register_parameter("r_train", None)  # forward uses instead of their codes while fine-tuning
+        self.register_parameter("q_scale_train", None)  # set by train_q_scales(): multipliers of Q's scales
 
     # ---- construction ------------------------------------------------------------------------------------------
     def _empty_buffers(self, device: torch.device | str) -> dict[str, Tensor]:
@@ -228,7 +229,7 @@ class QLRLinear(nn.Module):
         Q's codes, ``(x Rᵀ) Lᵀ`` through L's and R's codecs, the rotation back and the bias. Differentiable with
         respect to x (the ops have autograd formulas); the stored codes are constants. After
         :meth:`train_factors`, L and R come from the float parameters ``l_train``/``r_train`` instead (and are
-        differentiable too)."""
+        differentiable too); after :meth:`train_q_scales`, Q is the dense Q₀ ⊙ θ, differentiable in θ."""
         n, m = self.in_features, self.out_features
         if x.shape[-1] != n:
             raise ValueError(f"QLRLinear expects inputs with last dim {n}, got shape {tuple(x.shape)}")
@@ -239,6 +240,7 @@ class QLRLinear(nn.Module):
         B = x2.shape[0]
         training_factors = self.l_train is not None
         if (B <= cpu.GEMV_MAX_BATCH and x.device.type == "cpu" and cpu.lib() is not None and not training_factors
+                and self.q_scale_train is None
                 and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()):
             plan = self._fused_plan()
             if plan is not None:  # the whole layer in one compiled call (no per-op Python overhead)
@@ -255,9 +257,13 @@ class QLRLinear(nn.Module):
             perm = codec_for(name=self.meta["q"]["codec"]).column_perm(self._bufs("q"))
             xq = x2 if perm is None else x2.index_select(-1, perm.to(torch.int64))
             qd = self.__dict__.get("_q_dense")
+            if qd is None and self.q_scale_train is not None:  # the cache was dropped: decode for this call
+                qd = codec_for(name=self.meta["q"]["codec"]).dense(self._bufs("q"), self.meta["q"])
             if qd is None:
                 y = self._matmul("q", xq)
             else:  # Q decoded once (cache_q): one BLAS call, autocast where it is enabled
+                if self.q_scale_train is not None:  # Q's scales in training: Q₀ ⊙ θ, differentiable in θ
+                    qd = qd * self._q_multiplier()
                 y = F.linear(xq, qd if qd.dtype == xq.dtype or torch.is_autocast_enabled() else qd.to(xq.dtype))
         else:
             y = torch.zeros(x2.shape[0], m, dtype=dtype, device=x.device)
@@ -305,6 +311,77 @@ class QLRLinear(nn.Module):
             return
         dense = codec_for(name=self.meta["q"]["codec"]).dense(self._bufs("q"), self.meta["q"])
         self.__dict__["_q_dense"] = dense.to(dtype).contiguous()
+
+    def q_scales_untrainable(self) -> str | None:
+        """Why Q's scales cannot be trained (None when they can): they can on a grid with fp16/fp32 scales and on
+        a one-stage E8P lattice."""
+        q = self.meta["q"]
+        if q is None:
+            return "the layer has no Q"
+        if q["codec"] == "grid":
+            return "its Q stores power-of-two scales (scale_bits=8)" if q["scale_bits"] == 8 else None
+        if q["codec"] == "e8p":
+            return None if q["stages"] == 1 else f"its Q is a {q['stages']}-stage E8P lattice (one stage only)"
+        return f"its Q is stored as {q['codec']!r}, which has no scales"
+
+    def train_q_scales(self, through_rounding: bool = False) -> nn.Parameter:
+        """Make Q's scales trainable, its codes staying frozen: a float32 parameter ``q_scale_train`` θ of ones,
+        one per stored scale — (m, groups) for a grid (Q's row i, group g becomes θ[i, g]·scale[i, g]·(code −
+        zero)), (1,) for a one-stage E8P lattice (Q = θ·scale·decoded codes) — which :meth:`forward` applies as
+        Q₀ ⊙ θ (θ repeated over each group's columns) to the dense Q₀. Decodes Q₀ once in float32 unless
+        :meth:`cache_q` already holds it (costs m·n·4 bytes). Idempotent; returns θ.
+
+        ``through_rounding``: the forward uses θ's effect after the new scales' rounding to their stored dtype
+        (fp16 or fp32), with a straight-through gradient, so that :meth:`store_q_scales` stores what was trained.
+
+        Raises ValueError when the scales cannot be trained (:meth:`q_scales_untrainable`)."""
+        why = self.q_scales_untrainable()
+        if why is not None:
+            raise ValueError(f"cannot train Q's scales: {why}")
+        if self.q_scale_train is None:
+            shape = tuple(self.q_scale.shape) if self.meta["q"]["codec"] == "grid" else (1,)
+            self.q_scale_train = nn.Parameter(torch.ones(shape, dtype=torch.float32, device=self.q_scale.device))
+            self.__dict__["_q_scale_rounding"] = through_rounding
+            if "_q_dense" not in self.__dict__:
+                self.cache_q(torch.float32)
+        return self.q_scale_train
+
+    def _new_q_scale(self, theta: Tensor) -> Tensor:
+        """Q's scale buffer multiplied by θ, in the buffer's dtype."""
+        s0 = self.q_scale.float()
+        return (s0 * (theta if self.meta["q"]["codec"] == "grid" else theta.reshape(()))).to(self.q_scale.dtype)
+
+    def _q_multiplier(self) -> Tensor:
+        """θ broadcast over the dense Q (m × n in stored column order for a grid, a scalar for E8P), float32."""
+        theta = self.q_scale_train
+        if self.__dict__.get("_q_scale_rounding"):  # the ratio the stored (rounded) scales will realise
+            with torch.no_grad():
+                s0 = self.q_scale.float()
+                s1 = self._new_q_scale(theta.detach()).float()
+                ratio = torch.where(s0 != 0, s1 / torch.where(s0 != 0, s0, 1), theta.detach().reshape(s0.shape))
+            theta = theta + (ratio.reshape(theta.shape) - theta).detach()
+        if self.meta["q"]["codec"] != "grid":
+            return theta.reshape(())
+        n = self.meta["q"]["shape"][1]
+        g = self.meta["q"]["group_size"] or n
+        return theta.repeat_interleave(g, dim=1)[:, :n]
+
+    @torch.no_grad()
+    def store_q_scales(self) -> None:
+        """End training Q's scales: write scale·θ into Q's scale buffer (rounded to its dtype; codes and bits/weight
+        unchanged), drop θ and the dense Q it used."""
+        if self.q_scale_train is None:
+            return
+        self.q_scale.copy_(self._new_q_scale(self.q_scale_train.detach()))
+        self.q_scale_train = None
+        self.__dict__.pop("_q_scale_rounding", None)
+        self.__dict__.pop("_q_dense", None)
+
+    def trained_tensors(self) -> dict[str, nn.Parameter]:
+        """The parameters in training, by kind: ``l``, ``r`` (:meth:`train_factors`), ``q_scale``
+        (:meth:`train_q_scales`)."""
+        out = {"l": self.l_train, "r": self.r_train, "q_scale": self.q_scale_train}
+        return {k: v for k, v in out.items() if v is not None}
 
     def _rounded(self, f: str, x: Tensor, scales: Tensor | None) -> Tensor:
         """``x`` rounded to factor ``f``'s stored format (float32, no gradient)."""

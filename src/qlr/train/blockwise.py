@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..calibration.blocks import capture_block_inputs
 from ..models.registry import get_blocks
 from ..nn.qlinear import QLRLinear
-from .finetune import FinetuneConfig, PreservedStep, _load_state, _save_state, autocast, optimizer_step
+from .finetune import FinetuneConfig, PreservedStep, _load_state, _save_state, autocast, make_optimizer, optimizer_step
 
 __all__ = ["train_blocks"]
 
@@ -57,8 +57,7 @@ def train_blocks(student: nn.Module, teacher: nn.Module, ids: Tensor, cfg: Finet
     t_device = next(teacher.parameters()).device
     start, losses = 0, []
     if resume and work_dir is not None:
-        start, losses = _load_state(work_dir, layers, torch.optim.AdamW(
-            [p for m in layers.values() for p in (m.l_train, m.r_train)]), cfg)
+        start, losses = _load_state(work_dir, layers, make_optimizer(layers.values(), cfg), cfg)
     with torch.no_grad():
         s_in = capture_block_inputs(student, ids, cfg.batch_size)
         t_hidden = capture_block_inputs(teacher, ids, cfg.batch_size).hidden
@@ -96,8 +95,8 @@ def train_blocks(student: nn.Module, teacher: nn.Module, ids: Tensor, cfg: Finet
 def _train_block(block: nn.Module, hidden: list[Tensor], target: list[Tensor],
                  calls: list[tuple[tuple[Any, ...], dict[str, Any]]], layers: dict[str, QLRLinear],
                  cfg: FinetuneConfig, rule: PreservedStep, b: int, losses: list[float], bar: Any) -> int:
-    params = [p for m in layers.values() for p in (m.l_train, m.r_train)]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for m in layers.values() for p in m.trained_tensors().values()]
+    opt = make_optimizer(layers.values(), cfg)
     block_rule = rule.restricted(layers)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
     tokens = 0

@@ -1,7 +1,8 @@
 """QPEFT: fine-tune the low-rank factors of a compressed model on a frozen Q.
 
 Every :class:`~qlr.nn.QLRLinear` of rank > 0 gets float32 master copies of its stored L (m × r) and R (r × n)
-(:meth:`~qlr.nn.QLRLinear.train_factors`); everything else — Q's codes, the rotation signs, biases, embeddings,
+(:meth:`~qlr.nn.QLRLinear.train_factors`), and with ``train_scales`` multipliers of Q's stored scales
+(:meth:`~qlr.nn.QLRLinear.train_q_scales`); everything else — Q's codes, the rotation signs, biases, embeddings,
 norms, the head — stays frozen. AdamW then minimises, over windows of token ids ``ids`` (N, T):
 
 * ``objective="kd"`` (recovery after compression): the mean over positions of KL(p_T ‖ p_S), with p_T the frozen
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..nn.qlinear import QLRLinear
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "trainable_layers"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "make_optimizer", "trainable_layers"]
 
 _STATE = "finetune_state.safetensors"
 _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,6 +72,10 @@ class FinetuneConfig:
             ``amp`` dtype, else float32), and multiply with it instead of decoding the codes on every forward and
             backward (:meth:`QLRLinear.cache_q`): faster steps for m·n·(2 or 4) bytes per layer while training.
             Dropped at the end; the codes are untouched.
+        train_scales: also train Q's scales, its codes staying frozen (:meth:`QLRLinear.train_q_scales`): one
+            multiplier per stored scale (per row and group on a grid, per matrix on an E8P lattice), initialised
+            at 1, no weight decay, the same learning rate; stored back into Q's scale buffers at the end (rounded
+            to their dtype; bits/weight unchanged). Needs a dense Q per layer while training (as ``q_cache``).
         mode: ``"model"`` (the end-to-end objective above) or ``"blockwise"``: each decoder block in turn learns
             to reproduce the teacher block's outputs (normalised MSE), fed the compressed model's own activations
             through the blocks already trained; ``steps`` are then per block, and only one teacher block at a
@@ -95,6 +100,7 @@ class FinetuneConfig:
     preserve_grad_scale: float = 1.0
     q_cache: bool = False
     mode: str = "model"
+    train_scales: bool = False
 
     def __post_init__(self) -> None:
         if self.objective not in ("kd", "lm"):
@@ -175,7 +181,7 @@ def _save_state(work_dir: Path, step: int, layers: dict[str, QLRLinear], opt: to
                 losses: list[float], cfg: FinetuneConfig) -> None:
     tensors: dict[str, Tensor] = {}
     for name, mod in layers.items():
-        for kind, p in (("l", mod.l_train), ("r", mod.r_train)):
+        for kind, p in mod.trained_tensors().items():
             tensors[f"{name}.{kind}"] = p.detach().cpu().contiguous()
             st = opt.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq"):
@@ -208,7 +214,7 @@ def _load_state(work_dir: Path, layers: dict[str, QLRLinear], opt: torch.optim.O
     step = int(meta["step"])
     with torch.no_grad():
         for name, mod in layers.items():
-            for kind, p in (("l", mod.l_train), ("r", mod.r_train)):
+            for kind, p in mod.trained_tensors().items():
                 p.copy_(tensors[f"{name}.{kind}"])
                 if f"{name}.{kind}.exp_avg" in tensors:
                     opt.state[p] = {"step": torch.tensor(float(step)),
@@ -301,6 +307,12 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
     if cfg.q_cache:
         for mod in compressed:
             mod.cache_q(_AMP[cfg.amp] or torch.float32)
+    if cfg.train_scales:
+        for name, mod in layers.items():
+            why = mod.q_scales_untrainable()
+            if why is not None:
+                raise ValueError(f"train_scales: layer {name}: {why}; train without train_scales")
+        params.extend(mod.train_q_scales(cfg.through_rounding) for mod in layers.values())
     rule = PreservedStep(layers, preserved, cfg.preserve_grad_scale)
     wd = Path(work_dir) if work_dir is not None else None
     result = FinetuneResult(cfg, layers=len(layers), trainable_parameters=sum(p.numel() for p in params))
@@ -326,8 +338,21 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
     if cfg.storage != "none":
         for mod in layers.values():
             mod.store_factors(cfg.storage)
+            mod.store_q_scales()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def make_optimizer(layers: Any, cfg: FinetuneConfig) -> torch.optim.AdamW:
+    """AdamW over the trained tensors of ``layers`` (QLRLinear): the factors with ``cfg.weight_decay``, Q's scale
+    multipliers (which start at 1) without decay."""
+    mods = list(layers)
+    factors = [p for m in mods for k, p in m.trained_tensors().items() if k != "q_scale"]
+    scales = [m.q_scale_train for m in mods if m.q_scale_train is not None]
+    groups = [{"params": factors, "weight_decay": cfg.weight_decay}]
+    if scales:
+        groups.append({"params": scales, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor, params: list[nn.Parameter], step: int,
@@ -351,7 +376,7 @@ def _train_model(model: nn.Module, teacher: nn.Module | None, ids: Tensor, cfg: 
                  resume: bool, progress: bool, log: Callable[[str], None] | None, result: FinetuneResult,
                  device: torch.device) -> None:
     """The end-to-end loop (``mode="model"``): one AdamW over every factor, the loss of the whole model."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(layers.values(), cfg)
     start, losses = _load_state(wd, layers, opt, cfg) if (resume and wd is not None) else (0, [])
     result.losses = losses
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
