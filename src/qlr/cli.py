@@ -457,16 +457,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text", default="sotu", help="training text: built-in corpus or local file/directory "
                                                   "(never the text you evaluate on)")
     t.add_argument("--steps", type=_count(1), default=100, help="optimizer steps")
-    t.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
+    t.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
     t.add_argument("--batch-size", type=_count(1), default=4, help="windows per step")
     t.add_argument("--seqlen", type=_count(2), default=256, help="tokens per training window")
     t.add_argument("--windows", type=_count(1), default=512, help="distinct training windows drawn from --text")
     t.add_argument("--warmup", type=_count(0), default=None, help="warm-up steps (default: steps / 10)")
     t.add_argument("--storage", choices=("requantize", "fp16"), default="requantize",
                    help="how the trained factors are stored")
-    t.add_argument("--through-rounding", action="store_true",
+    t.add_argument("--through-rounding", action=argparse.BooleanOptionalAction, default=None,
                    help="train through the factors' storage rounding (straight-through), so that the re-quantized "
-                        "factors are exactly the trained ones")
+                        "factors are exactly the trained ones (default: on with --storage requantize, off with "
+                        "fp16)")
     t.add_argument("--mode", choices=("model", "blockwise"), default="model",
                    help="model: the objective on the whole model's outputs; blockwise: each decoder block in turn "
                         "matches the teacher block's outputs (steps per block; one teacher block at a time on the "

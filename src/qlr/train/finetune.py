@@ -61,7 +61,9 @@ class FinetuneConfig:
         save_every: with a ``work_dir``, save the training state every this many steps (0 = only at the end).
         through_rounding: train through the factors' storage rounding (straight-through gradients; E8P scales
             fixed at their stored values), so that ``storage="requantize"`` stores exactly the model that was
-            trained; costs a rounding of every factor at every step.
+            trained; costs a rounding of every factor at every step. None (the default): on exactly when
+            ``storage="requantize"`` (rounding factors trained in float afterwards undoes most of what training
+            gained when the trained change is smaller than the rounding step).
         amp: run the forward passes (student and teacher) under autocast in ``"bf16"`` or ``"fp16"`` (``"none"``:
             float32). The factors' masters, the optimizer and the loss stay float32; the storage rounding runs in
             float32.
@@ -84,7 +86,7 @@ class FinetuneConfig:
     """
 
     steps: int = 100
-    lr: float = 1e-4
+    lr: float = 3e-4
     batch_size: int = 4
     objective: str = "kd"
     temperature: float = 1.0
@@ -95,7 +97,7 @@ class FinetuneConfig:
     seed: int = 0
     gradient_checkpointing: bool = False
     save_every: int = 0
-    through_rounding: bool = False
+    through_rounding: bool | None = None
     amp: str = "none"
     preserve_grad_scale: float = 1.0
     q_cache: bool = False
@@ -103,6 +105,8 @@ class FinetuneConfig:
     train_scales: bool = False
 
     def __post_init__(self) -> None:
+        if self.through_rounding is None:  # resolved here, so that a saved config says what ran
+            object.__setattr__(self, "through_rounding", self.storage == "requantize")
         if self.objective not in ("kd", "lm"):
             raise ValueError(f"objective must be 'kd' or 'lm', got {self.objective!r}")
         if self.storage not in ("requantize", "fp16", "none"):
