@@ -105,6 +105,9 @@ def test_bad_inputs():
         finetune(model, torch.zeros(2, 8, dtype=torch.long), FinetuneConfig(objective="lm"), progress=False)
     with pytest.raises(ValueError, match="needs the full-precision teacher"):
         finetune(model, torch.zeros(2, 8, dtype=torch.long), FinetuneConfig(), progress=False)
+    with pytest.raises(ValueError, match="gradient_checkpointing: Sequential has no activation-checkpointing"):
+        finetune(torch.nn.Sequential(), torch.zeros(2, 8, dtype=torch.long),
+                 FinetuneConfig(objective="lm", gradient_checkpointing=True), progress=False)
 
 
 def test_training_through_rounding_stores_exactly_the_trained_model(compressed):
@@ -189,3 +192,27 @@ def test_train_scales_moves_q_scales_only_and_resumes(compressed, tmp_path):
     finetune(again, ids, cfg, teacher=fp, work_dir=tmp_path, resume=True, progress=False)
     for (name, a), (_, b) in zip(whole.named_buffers(), again.named_buffers(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_trains_the_same(compressed):
+    """gradient_checkpointing: every decoder block runs again in the backward (its MLP is called twice), the losses
+    and trained factors equal a run without it, and the model is left without checkpointing."""
+    from qlr.models.registry import get_blocks
+
+    fp, student, ids = compressed
+    runs = []
+    for gc in (False, True):
+        model = copy.deepcopy(student)
+        calls = []
+        # inside the block (transformers checkpoints the block's forward, not its hooks)
+        get_blocks(model)[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        cfg = FinetuneConfig(steps=3, lr=1e-3, batch_size=2, warmup=1, storage="none", gradient_checkpointing=gc)
+        res = finetune(model, ids, cfg, teacher=fp, progress=False)
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        runs.append((res.losses, len(calls), {n: m.l_train.detach().clone()
+                                               for n, m in trainable_layers(model).items()}))
+    (l0, c0, f0), (l1, c1, f1) = runs
+    assert c0 == 3 and c1 == 6
+    torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=1e-6, atol=1e-7)
+    for name in f0:
+        torch.testing.assert_close(f1[name], f0[name], rtol=1e-6, atol=1e-7)

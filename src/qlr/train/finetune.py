@@ -283,7 +283,8 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
 
     Raises:
         ValueError: no compressed layer with rank > 0, ``kd`` or ``blockwise`` without a teacher, ids not (N, T)
-            with T >= 2, or a resume state written with other settings.
+            with T >= 2, a resume state written with other settings, ``gradient_checkpointing`` on a model
+            without transformers' checkpointing switch, or ``train_scales`` on a layer whose Q scales cannot train.
     """
     cfg = config or FinetuneConfig()
     if ids.dim() != 2 or ids.shape[1] < 2:
@@ -293,6 +294,10 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
                          "full-precision teacher model (teacher=...)")
     if resume and work_dir is None:
         raise ValueError("resume=True needs the work_dir the training state was saved in")
+    if cfg.gradient_checkpointing and not any(hasattr(model, f"{p}_enable")
+                                              for p in ("activation_checkpointing", "gradient_checkpointing")):
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} has no activation-checkpointing switch "
+                         "(transformers models do); train without gradient_checkpointing")
     layers = trainable_layers(model)
     if not layers:
         raise ValueError("the model has no compressed layer with rank > 0: there are no L, R factors to train")
@@ -332,8 +337,8 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
         else:
             _train_model(model, teacher, ids, cfg, layers, params, rule, wd, resume, progress, log, result, device)
     finally:
-        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
-            model.gradient_checkpointing_disable()
+        if cfg.gradient_checkpointing and cfg.mode == "model":
+            _checkpointing(model, False)
         model.train(was_training)
         for mod in compressed:
             mod.cache_q(None)
@@ -345,6 +350,19 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
             mod.store_q_scales()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Switch transformers' activation (gradient) checkpointing of the decoder blocks on or off (non-reentrant);
+    :func:`finetune` has checked that the model has the switch."""
+    for prefix in ("activation_checkpointing", "gradient_checkpointing"):  # transformers 5, then 4
+        enable, disable = getattr(model, f"{prefix}_enable", None), getattr(model, f"{prefix}_disable", None)
+        if enable is not None and disable is not None:
+            if on:
+                enable(**{f"{prefix}_kwargs": {"use_reentrant": False}})
+            else:
+                disable()
+            return
 
 
 def make_optimizer(layers: Any, cfg: FinetuneConfig) -> torch.optim.AdamW:
@@ -383,8 +401,8 @@ def _train_model(model: nn.Module, teacher: nn.Module | None, ids: Tensor, cfg: 
     opt = make_optimizer(layers.values(), cfg)
     start, losses = _load_state(wd, layers, opt, cfg) if (resume and wd is not None) else (0, [])
     result.losses = losses
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        _checkpointing(model, True)
         model.train()  # transformers checkpoints only in training mode; LMs here have no active dropout at eval
     bar = tqdm(range(start, cfg.steps), desc=f"finetune ({cfg.objective})", disable=not progress, unit="step",
                initial=start, total=cfg.steps)
