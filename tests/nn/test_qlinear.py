@@ -247,7 +247,7 @@ def test_cached_q_computes_the_same_layer_and_gradients(case: str) -> None:
     (gx0,) = torch.autograd.grad(y0, x, g)
     mod.cache_q()
     if mod.meta["q"] is not None:
-        assert mod.__dict__["_q_dense"].shape == (mod.out_features, mod.in_features)
+        assert mod._cached_q().shape == (mod.out_features, mod.in_features)
     y1 = mod(x)
     (gx1,) = torch.autograd.grad(y1, x, g)
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-4)
@@ -341,3 +341,21 @@ def test_trained_q_scales_refused_for_power_of_two_scales() -> None:
     assert "power-of-two" in mod.q_scales_untrainable()
     with pytest.raises(ValueError, match="power-of-two"):
         mod.train_q_scales()
+
+
+def test_cached_q_follows_changes_to_the_codes() -> None:
+    """A dense Q cached before Q's buffers change (load_state_dict, an in-place write, a move) is decoded again in
+    the same dtype rather than used stale."""
+    dec = make_dec(**CASES["asym2"])
+    mod = QLRLinear.from_decomposition(dec)
+    other = QLRLinear.from_decomposition(make_dec(**CASES["asym2"], seed=1))
+    x = torch.randn(5, dec.R_s.shape[1])
+    mod.cache_q(torch.float64)
+    mod.load_state_dict(other.state_dict())
+    y = mod(x)
+    assert mod._cached_q().dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(y, other(x), rtol=1e-5, atol=1e-5)
+        mod.q_scale.mul_(2)
+        other.q_scale.mul_(2)
+        torch.testing.assert_close(mod(x), other(x), rtol=1e-5, atol=1e-5)

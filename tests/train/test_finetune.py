@@ -216,3 +216,14 @@ def test_gradient_checkpointing_recomputes_blocks_and_trains_the_same(compressed
     torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=1e-6, atol=1e-7)
     for name in f0:
         torch.testing.assert_close(f1[name], f0[name], rtol=1e-6, atol=1e-7)
+
+
+def test_refused_train_scales_leaves_the_model_as_it_was(compressed, monkeypatch):
+    fp, student, ids = compressed
+    model = copy.deepcopy(student)
+    name, layer = next(iter(trainable_layers(model).items()))
+    monkeypatch.setattr(layer, "q_scales_untrainable", lambda: "its Q stores power-of-two scales")
+    with pytest.raises(ValueError, match=f"train_scales: layer {name}: its Q stores power-of-two"):
+        finetune(model, ids, FinetuneConfig(steps=1, train_scales=True), teacher=fp, progress=False)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(not m.trained_tensors() and "_q_dense" not in m.__dict__ for m in trainable_layers(model).values())

@@ -5,7 +5,8 @@ For an m × n (out × in) weight the module computes
     y = x Qᵀ + (x Rᵀ) Lᵀ + b                                  (no rotation)
     y = untransform_out( x̃ Q_sᵀ + (x̃ R_sᵀ) L_sᵀ ) + b,  x̃ = transform_in(x)   (incoherence rotation)
 
-without ever forming L R or a dense float Q: each factor is multiplied straight from its codes by the
+without forming L R or a dense float Q (unless fine-tuning asks for one: :meth:`QLRLinear.cache_q`,
+:meth:`QLRLinear.train_q_scales`): each factor is multiplied straight from its codes by the
 :mod:`qlr.kernels` custom ops (fused decode + GEMV for a few rows of x, decoded tiles + BLAS for many, the fast
 Walsh–Hadamard transform for the rotation; a pure-torch reference where no compiled kernel applies). Every tensor
 is a registered buffer (so ``state_dict`` and safetensors hold it); everything else (shapes, bits, group sizes,
@@ -179,8 +180,9 @@ class QLRLinear(nn.Module):
         return Incoherence(s_out, s_in, self.meta["rotation"]["seed"])
 
     def __getstate__(self) -> dict[str, Any]:
-        """The module's state without the fused kernel's cached plan (raw pointers: rebuilt on the next forward),
-        so that ``copy.deepcopy`` and pickling work after a forward."""
+        """The module's state without the fused kernel's cached plan (raw pointers: rebuilt on the next forward)
+        and without the dense Q of :meth:`cache_q` (derived from the codes), so that ``copy.deepcopy`` and
+        pickling work after a forward and stay small."""
         state = dict(super().__getstate__())
         state.pop("_plan_cache", None)
         state.pop("_q_dense", None)
@@ -256,7 +258,7 @@ class QLRLinear(nn.Module):
         if self.meta["q"] is not None:
             perm = codec_for(name=self.meta["q"]["codec"]).column_perm(self._bufs("q"))
             xq = x2 if perm is None else x2.index_select(-1, perm.to(torch.int64))
-            qd = self.__dict__.get("_q_dense")
+            qd = self._cached_q()
             if qd is None and self.q_scale_train is not None:  # the cache was dropped: decode for this call
                 qd = codec_for(name=self.meta["q"]["codec"]).dense(self._bufs("q"), self.meta["q"])
             if qd is None:
@@ -264,7 +266,8 @@ class QLRLinear(nn.Module):
             else:  # Q decoded once (cache_q): one BLAS call, autocast where it is enabled
                 if self.q_scale_train is not None:  # Q's scales in training: Q₀ ⊙ θ, differentiable in θ
                     qd = qd * self._q_multiplier()
-                y = F.linear(xq, qd if qd.dtype == xq.dtype or torch.is_autocast_enabled() else qd.to(xq.dtype))
+                autocast = torch.is_autocast_enabled(xq.device.type)
+                y = F.linear(xq, qd if qd.dtype == xq.dtype or autocast else qd.to(xq.dtype))
         else:
             y = torch.zeros(x2.shape[0], m, dtype=dtype, device=x.device)
         if training_factors:  # differentiable in L and R (and x); out of place for autograd
@@ -310,7 +313,21 @@ class QLRLinear(nn.Module):
             self.__dict__.pop("_q_dense", None)
             return
         dense = codec_for(name=self.meta["q"]["codec"]).dense(self._bufs("q"), self.meta["q"])
-        self.__dict__["_q_dense"] = dense.to(dtype).contiguous()
+        self.__dict__["_q_dense"] = (self._q_key(), dense.to(dtype).contiguous())
+
+    def _q_key(self) -> tuple:
+        return tuple((t.data_ptr(), t._version, t.device) for t in self._bufs("q").values())
+
+    def _cached_q(self) -> Tensor | None:
+        """The dense Q of :meth:`cache_q`, decoded again (same dtype) when Q's buffers were replaced, moved or
+        written in place since (``.to(device)``, ``load_state_dict``); None when there is no cache."""
+        cached = self.__dict__.get("_q_dense")
+        if cached is None:
+            return None
+        if cached[0] != self._q_key():
+            self.cache_q(cached[1].dtype)
+            cached = self.__dict__["_q_dense"]
+        return cached[1]
 
     def q_scales_untrainable(self) -> str | None:
         """Why Q's scales cannot be trained (None when they can): they can on a grid with fp16/fp32 scales and on
@@ -324,12 +341,14 @@ class QLRLinear(nn.Module):
             return None if q["stages"] == 1 else f"its Q is a {q['stages']}-stage E8P lattice (one stage only)"
         return f"its Q is stored as {q['codec']!r}, which has no scales"
 
-    def train_q_scales(self, through_rounding: bool = False) -> nn.Parameter:
+    def train_q_scales(self, through_rounding: bool = False, cache: bool = True) -> nn.Parameter:
         """Make Q's scales trainable, its codes staying frozen: a float32 parameter ``q_scale_train`` θ of ones,
         one per stored scale — (m, groups) for a grid (Q's row i, group g becomes θ[i, g]·scale[i, g]·(code −
         zero)), (1,) for a one-stage E8P lattice (Q = θ·scale·decoded codes) — which :meth:`forward` applies as
-        Q₀ ⊙ θ (θ repeated over each group's columns) to the dense Q₀. Decodes Q₀ once in float32 unless
-        :meth:`cache_q` already holds it (costs m·n·4 bytes). Idempotent; returns θ.
+        Q₀ ⊙ θ (θ repeated over each group's columns) to the dense Q₀. With ``cache``, decodes Q₀ once in float32
+        unless :meth:`cache_q` already holds it (m·n·4 bytes for the layer's life in training); without, every
+        forward decodes it. Either way a forward in training keeps Q₀ ⊙ θ (m·n·4 bytes) for its backward.
+        Idempotent; returns θ.
 
         ``through_rounding``: the forward uses θ's effect after the new scales' rounding to their stored dtype
         (fp16 or fp32), with a straight-through gradient, so that :meth:`store_q_scales` stores what was trained.
@@ -342,7 +361,7 @@ class QLRLinear(nn.Module):
             shape = tuple(self.q_scale.shape) if self.meta["q"]["codec"] == "grid" else (1,)
             self.q_scale_train = nn.Parameter(torch.ones(shape, dtype=torch.float32, device=self.q_scale.device))
             self.__dict__["_q_scale_rounding"] = through_rounding
-            if "_q_dense" not in self.__dict__:
+            if cache and "_q_dense" not in self.__dict__:
                 self.cache_q(torch.float32)
         return self.q_scale_train
 

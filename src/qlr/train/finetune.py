@@ -1,4 +1,4 @@
-"""QPEFT: fine-tune the low-rank factors of a compressed model on a frozen Q.
+"""QPEFT: fine-tune the low-rank factors of a compressed model on Q's frozen codes.
 
 Every :class:`~qlr.nn.QLRLinear` of rank > 0 gets float32 master copies of its stored L (m × r) and R (r × n)
 (:meth:`~qlr.nn.QLRLinear.train_factors`), and with ``train_scales`` multipliers of Q's stored scales
@@ -46,8 +46,8 @@ class FinetuneConfig:
 
     Attributes:
         steps: optimizer steps.
-        lr: peak AdamW learning rate of the factors (linear warm-up over ``warmup`` steps, cosine decay to
-            ``lr / 10``).
+        lr: peak AdamW learning rate of the factors and Q's scale multipliers (linear warm-up over ``warmup``
+            steps, cosine decay to ``lr / 10``).
         batch_size: windows per step.
         objective: ``"kd"`` (match the teacher's next-token distribution) or ``"lm"`` (next-token cross-entropy).
         temperature: softmax temperature of both distributions under ``"kd"``.
@@ -55,9 +55,11 @@ class FinetuneConfig:
         warmup: warm-up steps.
         grad_clip: global gradient-norm clip (0 = off).
         storage: how the trained factors are stored: ``"requantize"`` (their original formats), ``"fp16"``, or
-            ``"none"`` (leave the float32 parameters in place; call ``QLRLinear.store_factors`` later).
+            ``"none"`` (leave the float32 parameters in place; call ``QLRLinear.store_factors`` and
+            ``QLRLinear.store_q_scales`` before saving).
         seed: seeds the window drawn at every step.
-        gradient_checkpointing: recompute each block's activations in the backward pass (transformers models).
+        gradient_checkpointing: recompute each block's activations in the backward pass (transformers models;
+            ``mode="model"`` only: block-wise training holds one block's activations anyway).
         save_every: with a ``work_dir``, save the training state every this many steps (0 = only at the end).
         through_rounding: train through the factors' storage rounding (straight-through gradients; E8P scales
             fixed at their stored values), so that ``storage="requantize"`` stores exactly the model that was
@@ -77,7 +79,9 @@ class FinetuneConfig:
         train_scales: also train Q's scales, its codes staying frozen (:meth:`QLRLinear.train_q_scales`): one
             multiplier per stored scale (per row and group on a grid, per matrix on an E8P lattice), initialised
             at 1, no weight decay, the same learning rate; stored back into Q's scale buffers at the end (rounded
-            to their dtype; bits/weight unchanged). Needs a dense Q per layer while training (as ``q_cache``).
+            to their dtype; bits/weight unchanged). In ``mode="model"`` each layer keeps a dense float32 Q while
+            training (as ``q_cache``; 4 bytes per weight) plus Q ⊙ θ per forward until its backward; block-wise
+            decodes Q at every forward instead, keeping its one-block-at-a-time memory.
         mode: ``"model"`` (the end-to-end objective above) or ``"blockwise"``: each decoder block in turn learns
             to reproduce the teacher block's outputs (normalised MSE), fed the compressed model's own activations
             through the blocks already trained; ``steps`` are then per block, and only one teacher block at a
@@ -207,7 +211,8 @@ def _load_state(work_dir: Path, layers: dict[str, QLRLinear], opt: torch.optim.O
     if not meta_path.is_file() or not state_path.is_file():
         return 0, []
     meta = json.loads(meta_path.read_text())
-    free = ("save_every", "q_cache")  # how often to save and how Q is multiplied do not change the run
+    # how often to save, how Q is multiplied and whether activations are recomputed do not change the run
+    free = ("save_every", "q_cache", "gradient_checkpointing")
     saved = {k: v for k, v in meta["config"].items() if k not in free}
     want = {k: v for k, v in asdict(cfg).items() if k not in free}
     if saved != want:
@@ -294,13 +299,18 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
                          "full-precision teacher model (teacher=...)")
     if resume and work_dir is None:
         raise ValueError("resume=True needs the work_dir the training state was saved in")
-    if cfg.gradient_checkpointing and not any(hasattr(model, f"{p}_enable")
+    if cfg.gradient_checkpointing and cfg.mode == "model" and not any(hasattr(model, f"{p}_enable")
                                               for p in ("activation_checkpointing", "gradient_checkpointing")):
         raise ValueError(f"gradient_checkpointing: {type(model).__name__} has no activation-checkpointing switch "
                          "(transformers models do); train without gradient_checkpointing")
     layers = trainable_layers(model)
     if not layers:
         raise ValueError("the model has no compressed layer with rank > 0: there are no L, R factors to train")
+    if cfg.train_scales:
+        for name, mod in layers.items():
+            why = mod.q_scales_untrainable()
+            if why is not None:
+                raise ValueError(f"train_scales: layer {name}: {why}; train without train_scales")
     device = next(model.parameters()).device
     frozen = {p: p.requires_grad for p in model.parameters()}  # restored at the end
     for p in frozen:
@@ -317,11 +327,8 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
         for mod in compressed:
             mod.cache_q(_AMP[cfg.amp] or torch.float32)
     if cfg.train_scales:
-        for name, mod in layers.items():
-            why = mod.q_scales_untrainable()
-            if why is not None:
-                raise ValueError(f"train_scales: layer {name}: {why}; train without train_scales")
-        params.extend(mod.train_q_scales(cfg.through_rounding) for mod in layers.values())
+        params.extend(mod.train_q_scales(cfg.through_rounding, cache=cfg.mode == "model")
+                      for mod in layers.values())
     rule = PreservedStep(layers, preserved, cfg.preserve_grad_scale)
     wd = Path(work_dir) if work_dir is not None else None
     result = FinetuneResult(cfg, layers=len(layers), trainable_parameters=sum(p.numel() for p in params))
