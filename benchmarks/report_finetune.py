@@ -106,3 +106,17 @@ def plot_finetune(rows: dict[str, dict[str, Any]], path: Path) -> str | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return None
+
+
+def step_table(rows: dict[str, dict[str, Any]]) -> str:
+    """Markdown: seconds per QPEFT step per variant, and the speed-up over Q's codes in float32 (same process)."""
+    out = ["### Step time", "",
+           "`python benchmarks/finetune_step.py RUN --threads 2`: `kd` steps of 4 × 256 tokens (teacher forward "
+           "included), trained through the rounding; each variant on a fresh copy of RUN in one process.", "",
+           "| run | variant | s / step | speed-up vs codes, float32 | commit |", "|---|---|---:|---:|---|"]
+    for name, d in sorted(rows.items()):
+        for variant, sec in d["seconds_per_step"].items():
+            out.append(f"| `{Path(d['run']).name}` | {variant} | {sec:.2f} | "
+                       f"{d['speedup_vs_codes_fp32'][variant]:.2f}× | {d['meta']['commit']} |")
+    out.append("")
+    return "\n".join(out)
