@@ -156,6 +156,11 @@ class QLRLinear(nn.Module):
         rows = self.meta[f]["shape"][0]
         return self._decoder(f)(0, rows)
 
+    def _decoded(self, f: str) -> Tensor:
+        """Factor ``f`` fully decoded by its codec's fastest decoder (float32, stored domain and column order);
+        :meth:`_dense` is the reference row decoder."""
+        return codec_for(name=self.meta[f]["codec"]).dense(self._bufs(f), self.meta[f])
+
     def _signs(self) -> tuple[Tensor, Tensor]:
         """The rotation's (signs_out (m,), signs_in (n,)) as ±1 float32, unpacked once and cached until a sign
         buffer is replaced or written in place."""
@@ -260,7 +265,7 @@ class QLRLinear(nn.Module):
             xq = x2 if perm is None else x2.index_select(-1, perm.to(torch.int64))
             qd = self._cached_q()
             if qd is None and self.q_scale_train is not None:  # the cache was dropped: decode for this call
-                qd = codec_for(name=self.meta["q"]["codec"]).dense(self._bufs("q"), self.meta["q"])
+                qd = self._decoded("q")
             if qd is None:
                 y = self._matmul("q", xq)
             else:  # Q decoded once (cache_q): one BLAS call, autocast where it is enabled
@@ -274,7 +279,7 @@ class QLRLinear(nn.Module):
             L, R = self._trained_factors(dtype)
             y = y + (x2 @ R.T) @ L.T
         elif self.rank > 0:  # y + (x Rᵀ) Lᵀ as one GEMM with accumulation; L is small (m × r)
-            L = codec_for(name=self.meta["l"]["codec"]).dense(self._bufs("l"), self.meta["l"])
+            L = self._decoded("l")
             # under autocast the products may come back in the autocast dtype: the in-place GEMM wants x's
             y = y.to(dtype).addmm_(self._matmul("r", x2).to(dtype), L.to(dtype).T)
         if rotated:
@@ -312,8 +317,7 @@ class QLRLinear(nn.Module):
         if dtype is None or self.meta["q"] is None:
             self.__dict__.pop("_q_dense", None)
             return
-        dense = codec_for(name=self.meta["q"]["codec"]).dense(self._bufs("q"), self.meta["q"])
-        self.__dict__["_q_dense"] = (self._q_key(), dense.to(dtype).contiguous())
+        self.__dict__["_q_dense"] = (self._q_key(), self._decoded("q").to(dtype).contiguous())
 
     def _q_key(self) -> tuple:
         return tuple((t.data_ptr(), t._version, t.device) for t in self._bufs("q").values())

@@ -299,8 +299,7 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
                          "full-precision teacher model (teacher=...)")
     if resume and work_dir is None:
         raise ValueError("resume=True needs the work_dir the training state was saved in")
-    if cfg.gradient_checkpointing and cfg.mode == "model" and not any(hasattr(model, f"{p}_enable")
-                                              for p in ("activation_checkpointing", "gradient_checkpointing")):
+    if cfg.gradient_checkpointing and cfg.mode == "model" and _checkpoint_switch(model) is None:
         raise ValueError(f"gradient_checkpointing: {type(model).__name__} has no activation-checkpointing switch "
                          "(transformers models do); train without gradient_checkpointing")
     layers = trainable_layers(model)
@@ -359,17 +358,25 @@ def finetune(model: nn.Module, ids: Tensor, config: FinetuneConfig | None = None
     return result
 
 
+def _checkpoint_switch(model: nn.Module) -> str | None:
+    """The prefix of the model's activation-checkpointing methods (``<prefix>_enable``/``_disable``): transformers
+    5's, else transformers 4's; None when it has neither."""
+    for prefix in ("activation_checkpointing", "gradient_checkpointing"):
+        if hasattr(model, f"{prefix}_enable") and hasattr(model, f"{prefix}_disable"):
+            return prefix
+    return None
+
+
 def _checkpointing(model: nn.Module, on: bool) -> None:
     """Switch transformers' activation (gradient) checkpointing of the decoder blocks on or off (non-reentrant);
     :func:`finetune` has checked that the model has the switch."""
-    for prefix in ("activation_checkpointing", "gradient_checkpointing"):  # transformers 5, then 4
-        enable, disable = getattr(model, f"{prefix}_enable", None), getattr(model, f"{prefix}_disable", None)
-        if enable is not None and disable is not None:
-            if on:
-                enable(**{f"{prefix}_kwargs": {"use_reentrant": False}})
-            else:
-                disable()
-            return
+    prefix = _checkpoint_switch(model)
+    if prefix is None:
+        return
+    if on:
+        getattr(model, f"{prefix}_enable")(**{f"{prefix}_kwargs": {"use_reentrant": False}})
+    else:
+        getattr(model, f"{prefix}_disable")()
 
 
 def make_optimizer(layers: Any, cfg: FinetuneConfig) -> torch.optim.AdamW:
