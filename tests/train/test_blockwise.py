@@ -10,7 +10,7 @@ import torch
 from qlr.models.registry import get_blocks
 from qlr.models.tiny import tiny_llama
 from qlr.train import FinetuneConfig, finetune, trainable_layers
-from tests.train.common import q_codes
+from tests.train.common import interrupted_then_resumed, q_codes
 
 
 def _block_errors(student, fp, ids) -> list[float]:
@@ -48,18 +48,7 @@ def test_blockwise_resume_equals_uninterrupted(compressed, tmp_path):
     cfg = FinetuneConfig(steps=4, lr=3e-3, batch_size=4, warmup=1, mode="blockwise")
     whole = copy.deepcopy(student)
     finetune(whole, ids, cfg, teacher=fp, progress=False)
-
-    class Killed(Exception):
-        pass
-
-    def die(line: str) -> None:
-        if line.startswith("block 1/"):
-            raise Killed
-
-    with pytest.raises(Killed):
-        finetune(copy.deepcopy(student), ids, cfg, teacher=fp, work_dir=tmp_path, progress=False, log=die)
-    again = copy.deepcopy(student)
-    res = finetune(again, ids, cfg, teacher=fp, work_dir=tmp_path, resume=True, progress=False)
+    again, res = interrupted_then_resumed(student, ids, cfg, fp, tmp_path, "block 1/")
     assert len(res.losses) == 4 * len(get_blocks(again))
     for (name, a), (_, b) in zip(whole.named_buffers(), again.named_buffers(), strict=True):
         assert torch.equal(a, b), name

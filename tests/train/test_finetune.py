@@ -10,7 +10,7 @@ import torch
 
 from qlr.models.tiny import tiny_llama
 from qlr.train import FinetuneConfig, finetune, trainable_layers
-from tests.train.common import q_codes
+from tests.train.common import interrupted_then_resumed, q_codes
 
 
 def test_trainable_factors_compute_the_same_layer(compressed):
@@ -76,19 +76,7 @@ def test_resume_equals_uninterrupted(compressed, tmp_path):
     cfg = FinetuneConfig(steps=8, lr=3e-3, batch_size=4, warmup=2, save_every=4)
     whole = copy.deepcopy(student)
     finetune(whole, ids, cfg, teacher=fp, progress=False)
-
-    class Killed(Exception):
-        pass
-
-    def die_after_six(line: str) -> None:
-        if line.startswith("step 6/"):
-            raise Killed
-
-    first = copy.deepcopy(student)
-    with pytest.raises(Killed):
-        finetune(first, ids, cfg, teacher=fp, work_dir=tmp_path, progress=False, log=die_after_six)
-    again = copy.deepcopy(student)  # a fresh process reloads the compressed model
-    res = finetune(again, ids, cfg, teacher=fp, work_dir=tmp_path, resume=True, progress=False)
+    again, res = interrupted_then_resumed(student, ids, cfg, fp, tmp_path, "step 6/")
     assert len(res.losses) == 8
     for (name, a), (_, b) in zip(whole.named_buffers(), again.named_buffers(), strict=True):
         assert torch.equal(a, b), name
@@ -179,17 +167,7 @@ def test_train_scales_moves_q_scales_only_and_resumes(compressed, tmp_path):
     assert sum(res.losses[-3:]) < sum(res.losses[:3])
     assert any(not torch.equal(s, scales0[n]) for n, s in _scales(whole).items())
 
-    class Killed(Exception):
-        pass
-
-    def die_after_six(line: str) -> None:
-        if line.startswith("step 6/"):
-            raise Killed
-
-    with pytest.raises(Killed):
-        finetune(copy.deepcopy(student), ids, cfg, teacher=fp, work_dir=tmp_path, progress=False, log=die_after_six)
-    again = copy.deepcopy(student)
-    finetune(again, ids, cfg, teacher=fp, work_dir=tmp_path, resume=True, progress=False)
+    again, _ = interrupted_then_resumed(student, ids, cfg, fp, tmp_path, "step 6/")
     for (name, a), (_, b) in zip(whole.named_buffers(), again.named_buffers(), strict=True):
         assert torch.equal(a, b), name
 
