@@ -112,11 +112,15 @@ def step_table(rows: dict[str, dict[str, Any]]) -> str:
     """Markdown: seconds per QPEFT step per variant, and the speed-up over Q's codes in float32 (same process)."""
     out = ["### Step time", "",
            "`python benchmarks/finetune_step.py RUN --threads 2`: `kd` steps of 4 × 256 tokens (teacher forward "
-           "included), trained through the rounding; each variant on a fresh copy of RUN in one process.", "",
-           "| run | variant | s / step | speed-up vs codes, float32 | commit |", "|---|---|---:|---:|---|"]
+           "included), trained through the rounding; each variant in its own process (peak resident memory, and "
+           "in brackets once the student and teacher are loaded).", "",
+           "| run | variant | s / step | speed-up vs codes, float32 | peak memory (MiB; loaded) | commit |",
+           "|---|---|---:|---:|---:|---|"]
     for name, d in sorted(rows.items()):
         for variant, sec in d["seconds_per_step"].items():
+            mem = (f"{d['peak_mib'][variant]:,.0f} ({d['loaded_mib'][variant]:,.0f})" if "peak_mib" in d
+                   else "—")
             out.append(f"| `{Path(d['run']).name}` | {variant} | {sec:.2f} | "
-                       f"{d['speedup_vs_codes_fp32'][variant]:.2f}× | {d['meta']['commit']} |")
+                       f"{d['speedup_vs_codes_fp32'][variant]:.2f}× | {mem} | {d['meta']['commit']} |")
     out.append("")
     return "\n".join(out)
